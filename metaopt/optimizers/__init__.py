@@ -1,0 +1,41 @@
+"""Layer 1: optimizers as optax gradient transformations."""
+
+from metaopt.optimizers._ademamix import (
+    ScaleByAdEMAMixState,
+    ademamix,
+    ademamix_alpha_warmup,
+    ademamix_b3_warmup,
+    scale_by_ademamix,
+)
+from metaopt.optimizers._asam import asam, scale_by_asam
+from metaopt.optimizers._gam import gam, scale_by_gam
+from metaopt.optimizers._gradient_regularization import (
+    gradient_regularization,
+    scale_by_gradient_regularization,
+)
+from metaopt.optimizers._sam import SharpnessAwareState, sam, scale_by_sam
+from metaopt.optimizers._simplified_ademamix import (
+    ScaleBySimplifiedAdEMAMixState,
+    scale_by_simplified_ademamix,
+    simplified_ademamix,
+)
+
+__all__ = [
+    "ScaleByAdEMAMixState",
+    "ScaleBySimplifiedAdEMAMixState",
+    "SharpnessAwareState",
+    "ademamix",
+    "ademamix_alpha_warmup",
+    "ademamix_b3_warmup",
+    "asam",
+    "gam",
+    "gradient_regularization",
+    "sam",
+    "scale_by_ademamix",
+    "scale_by_asam",
+    "scale_by_gam",
+    "scale_by_gradient_regularization",
+    "scale_by_sam",
+    "scale_by_simplified_ademamix",
+    "simplified_ademamix",
+]

@@ -1,0 +1,140 @@
+"""Helpers shared by the optimizer modules: hyperparameter handling, checks, safe norms."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
+
+
+def value_at(hyperparameter: ScalarOrSchedule, count: jax.Array) -> Any:
+    """Returns a hyperparameter's value at step ``count``: calls it if it is a schedule."""
+    return hyperparameter(count) if callable(hyperparameter) else hyperparameter
+
+
+def _concrete(value: Any) -> float | None:
+    """The value as a Python float when it is known at construction time, else None."""
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, np.ndarray | np.generic) and np.ndim(value) == 0:
+        return float(value)
+    if isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer):
+        if value.ndim == 0:
+            return float(value)
+    return None
+
+
+def check_range(
+    name: str,
+    value: Any,
+    low: float,
+    high: float,
+    *,
+    high_inclusive: bool = False,
+    fix: str = "",
+) -> None:
+    """Raises ValueError when a concrete ``value`` lies outside ``[low, high)`` (or ``]``).
+
+    Traced arrays and schedules are not checked here: their values are only known at run time.
+    """
+    v = _concrete(value)
+    if v is None:
+        return
+    ok = low <= v <= high if high_inclusive else low <= v < high
+    if not ok or np.isnan(v):
+        bracket = "]" if high_inclusive else ")"
+        hint = f" {fix}" if fix else ""
+        raise ValueError(f"{name} must lie in [{low}, {high}{bracket}, got {name}={value!r}.{hint}")
+
+
+def check_nonnegative(name: str, value: Any, fix: str = "") -> None:
+    """Raises ValueError when a concrete ``value`` is negative or NaN."""
+    check_range(name, value, 0.0, float("inf"), high_inclusive=True, fix=fix)
+
+
+def check_positive(name: str, value: Any, fix: str = "") -> None:
+    """Raises ValueError when a concrete ``value`` is not strictly positive."""
+    v = _concrete(value)
+    if v is not None and not v > 0:
+        hint = f" {fix}" if fix else ""
+        raise ValueError(f"{name} must be positive, got {name}={value!r}.{hint}")
+
+
+def check_steps(name: str, value: Any) -> None:
+    """Raises when ``value`` is neither None nor a positive integer number of steps."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(
+            f"{name} must be None or a positive integer number of steps, got {name}={value!r}. "
+            f"Pass None to switch the warm-up off."
+        )
+
+
+def global_norm(tree: Any) -> jax.Array:
+    """Euclidean norm of all leaves of ``tree`` together, with a finite derivative at zero.
+
+    ``jnp.sqrt`` has an infinite derivative at 0, so the plain norm gives NaN when
+    differentiated at a zero gradient; here the derivative there is zero instead.
+    """
+    leaves = jax.tree.leaves(tree)
+    squared = sum(
+        jnp.sum(jnp.square(x.astype(jnp.promote_types(x.dtype, jnp.float32)))) for x in leaves
+    )
+    positive = squared > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
+
+
+def safe_divide(tree: Any, norm: jax.Array) -> Any:
+    """``tree / norm`` leaf by leaf; zeros where ``norm`` is zero (no NaN, also in gradients)."""
+    positive = norm > 0
+    inverse = jnp.where(positive, 1.0 / jnp.where(positive, norm, 1.0), 0.0)
+    return jax.tree.map(lambda x: x * inverse.astype(x.dtype), tree)
+
+
+def add_scaled(params: Any, direction: Any, scale: Any = 1.0) -> Any:
+    """``params + scale * direction`` leaf by leaf, keeping each parameter's dtype."""
+    return jax.tree.map(
+        lambda p, d: (p + jnp.asarray(scale).astype(d.dtype) * d).astype(p.dtype), params, direction
+    )
+
+
+def mean_over_axis(tree: Any, axis_name: str | None) -> Any:
+    """Averages ``tree`` over the named mesh axis (data-parallel replicas); identity for None."""
+    if axis_name is None:
+        return tree
+    return jax.lax.pmean(tree, axis_name)
+
+
+def cast_like(tree: Any, like: Any) -> Any:
+    """Casts every leaf of ``tree`` to the dtype of the matching leaf of ``like``."""
+    return jax.tree.map(lambda x, y: x.astype(y.dtype), tree, like)
+
+
+def require_grad_fn(algorithm: str, grad_fn: Any, params: Any) -> None:
+    """Raises a TypeError that explains the calling convention when grad_fn or params is missing."""
+    if grad_fn is None:
+        raise TypeError(
+            f"{algorithm}.update needs the keyword argument grad_fn: a function that maps "
+            f"parameters to the gradient of the loss on the current batch, for example "
+            f"update(grads, state, params, grad_fn=lambda p: jax.grad(loss)(p, batch))."
+        )
+    if params is None:
+        raise ValueError(
+            f"{algorithm}.update needs params (the current parameters) to place the perturbed "
+            f"point; call update(grads, state, params, grad_fn=...)."
+        )
+
+
+def increment(count: jax.Array) -> jax.Array:
+    """Adds one to an int32 step counter without overflowing."""
+    return optax.safe_int32_increment(count)

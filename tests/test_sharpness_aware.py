@@ -1,0 +1,264 @@
+"""SAM, ASAM, GAM and finite-difference gradient regularization against NumPy transcriptions."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, PartitionSpec
+
+import metaopt
+from tests import references
+
+
+def _as_jax(numpy_grad):
+    """Wraps a NumPy gradient so the same function feeds metaopt (eager) and the reference."""
+    return lambda p: jnp.asarray(numpy_grad(np.asarray(p)))
+
+
+def _run(opt, grad, theta0, steps):
+    params = jnp.asarray(theta0)
+    state = opt.init(params)
+    trajectory = [np.asarray(params)]
+    for _ in range(steps):
+        updates, state = opt.update(grad(params), state, params, grad_fn=grad)
+        params = optax.apply_updates(params, updates)
+        trajectory.append(np.asarray(params))
+    return np.stack(trajectory)
+
+
+@pytest.fixture(scope="module")
+def logistic():
+    _, grad, hess, theta0 = references.logistic_problem(n=60, dim=5, seed=0)
+    return grad, hess, theta0
+
+
+def test_sam_matches_paper_update(logistic):
+    grad, _, theta0 = logistic
+    got = _run(metaopt.sam(optax.sgd(0.5), rho=0.1), _as_jax(grad), theta0, 30)
+    expected = np.stack(references.sam_reference(grad, theta0, 0.5, 0.1, 30))
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_sam_differs_from_plain_sgd(logistic):
+    # Guards the comparison above: a missing perturbation would fail it by this much.
+    grad, _, theta0 = logistic
+    sam = _run(metaopt.sam(optax.sgd(0.5), rho=0.1), _as_jax(grad), theta0, 30)
+    sgd = np.stack(references.sam_reference(grad, theta0, 0.5, 0.0, 30))
+    assert np.max(np.abs(sam - sgd)) > 1e-3
+
+
+def test_asam_matches_paper_update(logistic):
+    grad, _, theta0 = logistic
+    got = _run(metaopt.asam(optax.sgd(0.5), rho=0.5, eta=0.01), _as_jax(grad), theta0, 30)
+    expected = np.stack(references.asam_reference(grad, theta0, 0.5, 0.5, 0.01, 30))
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_gam_matches_paper_update_with_finite_differences(logistic):
+    grad, _, theta0 = logistic
+    opt = metaopt.gam(optax.sgd(0.5), rho=0.2, alpha=0.5, fd_radius=0.01)
+    got = _run(opt, _as_jax(grad), theta0, 20)
+    expected = np.stack(references.gam_fd_reference(grad, theta0, 0.5, 0.2, 0.5, 0.01, 20))
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_gam_equals_exact_hessian_formula_on_quadratic():
+    # On a quadratic the finite differences are exact Hessian-vector products.
+    _, grad, hess, theta0 = references.quadratic_problem(6, seed=1)
+    got = _run(metaopt.gam(optax.sgd(0.05), rho=0.1, alpha=0.7), _as_jax(grad), theta0, 15)
+    expected = np.stack(references.gam_reference(grad, hess, theta0, 0.05, 0.1, 0.7, 15))
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward", "central"])
+def test_gradient_regularization_matches_paper_update(logistic, direction):
+    grad, _, theta0 = logistic
+    opt = metaopt.gradient_regularization(
+        optax.sgd(0.5), gamma=0.2, epsilon=0.05, direction=direction
+    )
+    got = _run(opt, _as_jax(grad), theta0, 25)
+    expected = np.stack(
+        references.gradient_regularization_reference(grad, theta0, 0.5, 0.2, 0.05, direction, 25)
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_gradient_regularization_is_exact_on_quadratic():
+    _, grad, hess, theta0 = references.quadratic_problem(5, seed=2)
+    got = _run(
+        metaopt.gradient_regularization(optax.sgd(0.05), 0.1, 0.3), _as_jax(grad), theta0, 10
+    )
+    expected = np.stack(references.gradient_regularization_exact(grad, hess, theta0, 0.05, 0.1, 10))
+    np.testing.assert_allclose(got, expected, rtol=1e-11, atol=1e-13)
+
+
+def test_central_difference_is_second_order_accurate(logistic):
+    grad, hess, theta0 = logistic
+    exact = references.gradient_regularization_exact(grad, hess, theta0, 0.5, 0.5, 1)[1]
+
+    def error(direction, eps):
+        opt = metaopt.gradient_regularization(optax.sgd(0.5), 0.5, eps, direction=direction)
+        return np.max(np.abs(_run(opt, _as_jax(grad), theta0, 1)[1] - exact))
+
+    # Halving the step halves the forward error and quarters the central one.
+    assert 1.8 < error("forward", 0.02) / error("forward", 0.01) < 2.2
+    assert 3.6 < error("central", 0.02) / error("central", 0.01) < 4.4
+
+
+SHARPNESS_TRANSFORMS = {
+    "sam": lambda: metaopt.scale_by_sam(0.05),
+    "asam": lambda: metaopt.scale_by_asam(0.5),
+    "gam": lambda: metaopt.scale_by_gam(0.05, 0.1),
+    "gr_forward": lambda: metaopt.scale_by_gradient_regularization(0.05, 0.05),
+    "gr_central": lambda: metaopt.scale_by_gradient_regularization(0.05, 0.05, direction="central"),
+}
+GRAD_FN_CALLS = {"sam": 1, "asam": 1, "gam": 3, "gr_forward": 1, "gr_central": 2}
+
+
+@pytest.mark.parametrize("name", sorted(SHARPNESS_TRANSFORMS))
+def test_grad_fn_call_count(name):
+    calls = []
+
+    def loss(p):
+        return jnp.sum(jnp.cos(p) * p)
+
+    def grad_fn(p):
+        calls.append(None)
+        return jax.grad(loss)(p)
+
+    tx = SHARPNESS_TRANSFORMS[name]()
+    params = jnp.linspace(0.0, 1.0, 4)
+    state = tx.init(params)
+    jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=grad_fn))(
+        jax.grad(loss)(params), state, params
+    )
+    assert len(calls) == GRAD_FN_CALLS[name]
+
+
+@pytest.mark.parametrize("name", sorted(SHARPNESS_TRANSFORMS))
+def test_zero_gradient_gives_no_nan_in_values_or_hypergradients(name):
+    tx = SHARPNESS_TRANSFORMS[name]()
+    params = jnp.ones(3)
+    zero_grad_fn = jnp.zeros_like
+
+    def outcome(p):
+        updates, _ = tx.update(jnp.zeros(3), tx.init(p), p, grad_fn=zero_grad_fn)
+        return jnp.sum(updates)
+
+    assert np.all(np.isfinite(outcome(params)))
+    assert np.all(np.isfinite(jax.grad(outcome)(params)))
+
+    def outcome_rho(rho):
+        t = metaopt.scale_by_sam(rho)
+        updates, _ = t.update(jnp.zeros(3), t.init(params), params, grad_fn=lambda p: p - 1.0)
+        return jnp.sum(updates)
+
+    assert np.isfinite(jax.grad(outcome_rho)(0.05))
+
+
+@pytest.mark.parametrize("name", sorted(SHARPNESS_TRANSFORMS))
+def test_missing_grad_fn_explains_the_calling_convention(name):
+    tx = SHARPNESS_TRANSFORMS[name]()
+    params = jnp.ones(2)
+    with pytest.raises(TypeError, match="grad_fn"):
+        tx.update(params, tx.init(params), params)
+
+
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda: metaopt.scale_by_sam(-0.1), "rho"),
+        (lambda: metaopt.scale_by_asam(0.5, eta=-1.0), "eta"),
+        (lambda: metaopt.scale_by_gam(0.05, alpha=-1.0), "alpha"),
+        (lambda: metaopt.scale_by_gam(0.05, fd_radius=0.0), "fd_radius"),
+        (lambda: metaopt.scale_by_gradient_regularization(0.1, epsilon=0.0), "epsilon"),
+        (lambda: metaopt.scale_by_gradient_regularization(-0.1), "gamma"),
+    ],
+)
+def test_bad_configuration_names_the_argument(make, name):
+    with pytest.raises(ValueError, match=rf"got {name}="):
+        make()
+
+
+def test_bad_direction_lists_the_choices():
+    with pytest.raises(ValueError, match="'forward'"):
+        metaopt.scale_by_gradient_regularization(direction="sideways")
+
+
+def test_nonfinite_gradient_is_recorded_and_skipped_with_apply_if_finite():
+    opt = optax.apply_if_finite(metaopt.sam(optax.sgd(0.1), 0.05), max_consecutive_errors=5)
+    params = jnp.ones(3)
+    state = opt.init(params)
+    bad = jnp.array([1.0, jnp.nan, 0.0])
+    updates, state = opt.update(bad, state, params, grad_fn=lambda p: p)
+    assert not bool(state.last_finite) and int(state.notfinite_count) == 1
+    np.testing.assert_array_equal(optax.apply_updates(params, updates), params)
+    # The rejected step leaves the inner state as it was: nothing non-finite is stored.
+    assert int(state.inner_state[0].count) == 0
+    assert np.isfinite(float(state.inner_state[0].gradient_norm))
+
+
+def _least_squares(seed=0, n=64, d=6):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d))
+    y = x @ rng.normal(size=d) + 0.1 * rng.normal(size=n)
+    return jnp.asarray(x), jnp.asarray(y)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda axis: metaopt.scale_by_sam(0.1, axis_name=axis),
+        lambda axis: metaopt.scale_by_asam(0.5, axis_name=axis),
+        lambda axis: metaopt.scale_by_gam(0.1, 0.3, axis_name=axis),
+        lambda axis: metaopt.scale_by_gradient_regularization(0.1, 0.1, axis_name=axis),
+    ],
+)
+def test_data_parallel_perturbation_equals_full_batch(make):
+    """On 8 devices, per-replica gradients averaged over the axis give the full-batch step."""
+    x, y = _least_squares()
+
+    def loss(w, xb, yb):
+        return 0.5 * jnp.mean(jnp.square(xb @ w - yb))
+
+    w = jnp.linspace(-1.0, 1.0, x.shape[1])
+    full = make(None)
+    expected, _ = full.update(
+        jax.grad(loss)(w, x, y), full.init(w), w, grad_fn=lambda p: jax.grad(loss)(p, x, y)
+    )
+
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+    sharded = make("data")
+
+    @functools.partial(
+        jax.shard_map,
+        mesh=mesh,
+        in_specs=(PartitionSpec(), PartitionSpec("data"), PartitionSpec("data")),
+        out_specs=PartitionSpec(),
+        check_vma=False,  # per-replica gradients, as under pmap
+    )
+    def step(w, xb, yb):
+        local_grad_fn = lambda p: jax.grad(loss)(p, xb, yb)
+        updates, _ = sharded.update(local_grad_fn(w), sharded.init(w), w, grad_fn=local_grad_fn)
+        return updates
+
+    got = jax.jit(step)(w, x, y)
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-14)
+
+    # Without the axis name each replica perturbs with its own gradient (m-sharpness): different.
+    @functools.partial(
+        jax.shard_map,
+        mesh=mesh,
+        in_specs=(PartitionSpec(), PartitionSpec("data"), PartitionSpec("data")),
+        out_specs=PartitionSpec(),
+        check_vma=False,  # per-replica gradients, as under pmap
+    )
+    def local_step(w, xb, yb):
+        local_grad_fn = lambda p: jax.grad(loss)(p, xb, yb)
+        updates, _ = full.update(local_grad_fn(w), full.init(w), w, grad_fn=local_grad_fn)
+        return jax.lax.pmean(updates, "data")
+
+    assert np.max(np.abs(jax.jit(local_step)(w, x, y) - expected)) > 1e-6

@@ -11,7 +11,7 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
+import jax
 
 # Float64 is available for reference comparisons; tests that check float32/bfloat16 behaviour
 # create their arrays with explicit dtypes.

@@ -8,6 +8,7 @@ plain SGD: theta_new = theta - lr * direction.  Every optimizer function
 returns the trajectory [theta_0, ..., theta_T] as a list of arrays.
 """
 
+import itertools
 import math
 
 import numpy as np
@@ -245,7 +246,9 @@ def logistic_problem(n, dim, seed):
 if __name__ == "__main__":
 
     def maxerr(a, b):
-        return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, b))
+        return max(
+            float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, b, strict=False)
+        )
 
     def sgd(grad, theta0, lr, steps):
         th = _f64(theta0)
@@ -295,7 +298,7 @@ if __name__ == "__main__":
     assert abs(ademamix_b3_warmup(100, 0.9999, 0.9, 100) - 0.9999) < 1e-12
     assert ademamix_b3_warmup(500, 0.9999, 0.9, 100) == 0.9999
     seq = [ademamix_b3_warmup(t, 0.9999, 0.9, 100) for t in range(101)]
-    assert all(x <= y for x, y in zip(seq, seq[1:]))
+    assert all(x <= y for x, y in itertools.pairwise(seq))
     # with warmups, a direct scalar-loop transcription over coordinates
     tw = ademamix_reference(grads, th0, lr, 0.9, 0.999, 0.999, a, 1e-8, wd, 10, 20)
     th, m1, m2, nu = th0.copy(), np.zeros(D), np.zeros(D), np.zeros(D)

@@ -174,6 +174,7 @@ def test_missing_grad_fn_explains_the_calling_convention(name):
         (lambda: metaopt.scale_by_asam(0.5, eta=-1.0), "eta"),
         (lambda: metaopt.scale_by_gam(0.05, alpha=-1.0), "alpha"),
         (lambda: metaopt.scale_by_gam(0.05, fd_radius=0.0), "fd_radius"),
+        (lambda: metaopt.scale_by_gam(0.0), "rho"),
         (lambda: metaopt.scale_by_gradient_regularization(0.1, epsilon=0.0), "epsilon"),
         (lambda: metaopt.scale_by_gradient_regularization(-0.1), "gamma"),
     ],
@@ -199,6 +200,19 @@ def test_nonfinite_gradient_is_recorded_and_skipped_with_apply_if_finite():
     # The rejected step leaves the inner state as it was: nothing non-finite is stored.
     assert int(state.inner_state[0].count) == 0
     assert np.isfinite(float(state.inner_state[0].gradient_norm))
+
+
+@pytest.mark.parametrize("name", sorted(SHARPNESS_TRANSFORMS))
+def test_nonfinite_gradient_at_the_perturbed_point_is_caught_inside_the_chain(name):
+    # apply_if_finite around the base optimizer sees the gradient the transform produced, so a
+    # NaN at the perturbed point is rejected as well as one in the incoming gradient.
+    opt = optax.chain(SHARPNESS_TRANSFORMS[name](), optax.apply_if_finite(optax.sgd(0.1), 5))
+    params = jnp.ones(3)
+    state = opt.init(params)
+    nan_away_from_params = lambda p: jnp.where(jnp.all(p == params), p, jnp.nan)
+    updates, state = opt.update(params, state, params, grad_fn=nan_away_from_params)
+    np.testing.assert_array_equal(optax.apply_updates(params, updates), params)
+    assert int(state[1].notfinite_count) == 1
 
 
 def _least_squares(seed=0, n=64, d=6):

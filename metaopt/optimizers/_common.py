@@ -70,10 +70,18 @@ def check_positive(name: str, value: Any, fix: str = "") -> None:
 
 
 def check_steps(name: str, value: Any) -> None:
-    """Raises when ``value`` is neither None nor a positive integer number of steps."""
+    """Raises when ``value`` is neither None nor a positive whole number of steps.
+
+    A traced array (for example injected by ``optax.inject_hyperparams``) is accepted unchecked.
+    """
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    v = _concrete(value)
+    if (
+        isinstance(value, bool)
+        or (v is not None and (v < 1 or v != int(v)))
+        or (v is None and not isinstance(value, jax.Array))
+    ):
         raise ValueError(
             f"{name} must be None or a positive integer number of steps, got {name}={value!r}. "
             f"Pass None to switch the warm-up off."

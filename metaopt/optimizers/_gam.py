@@ -57,9 +57,13 @@ def scale_by_gam(
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes ``grad_fn=``.
     """
-    _common.check_nonnegative("rho", rho)
     _common.check_nonnegative("alpha", alpha)
-    if fd_radius is not None:
+    if fd_radius is None:
+        _common.check_positive(
+            "rho", rho, "rho is also the finite-difference step unless fd_radius is given."
+        )
+    else:
+        _common.check_nonnegative("rho", rho)
         _common.check_positive("fd_radius", fd_radius, "Pass None to use rho as the step.")
 
     def update_fn(updates, state, params=None, *, grad_fn: GradFn | None = None, **extra_args):
@@ -76,7 +80,10 @@ def scale_by_gam(
             """H(x) u for u = gradient_x / |gradient_x|, by a forward difference of step r."""
             unit = _common.safe_divide(gradient_x, _common.global_norm(gradient_x))
             shifted = gradient(_common.add_scaled(x, unit, radius))
-            return jax.tree.map(lambda a, b: (a - b) / radius, shifted, gradient_x)
+            # Multiply by the reciprocal: XLA does so anyway when r is a compile-time constant,
+            # and the same arithmetic keeps traced and constant hyperparameters bit-identical.
+            inverse_radius = 1.0 / radius
+            return jax.tree.map(lambda a, b: (a - b) * inverse_radius, shifted, gradient_x)
 
         g = _common.mean_over_axis(updates, axis_name)
         f = hessian_times_unit(params, g)

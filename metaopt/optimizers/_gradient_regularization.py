@@ -24,6 +24,7 @@ def scale_by_gradient_regularization(
     epsilon: ScalarOrSchedule = 0.05,
     *,
     direction: Direction = "forward",
+    normalize: bool = False,
     axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Replaces the gradient by the gradient of the gradient-norm-penalized loss.
@@ -48,6 +49,13 @@ def scale_by_gradient_regularization(
     step :math:`\epsilon` grows; with :math:`\epsilon = \gamma` F-GR is SAM without the
     normalization of the ascent direction.
 
+    The paper's difference steps along the raw gradient, so the step length
+    :math:`\epsilon\lVert g\rVert` follows the gradient's scale: large gradients (early
+    training, badly scaled losses) make it coarse, tiny ones make it cancel in floating point.
+    ``normalize=True`` steps along :math:`g/\lVert g\rVert` instead, a fixed length
+    :math:`\epsilon` as in SAM, and rescales the difference by :math:`\lVert g\rVert`; it
+    approximates the same :math:`Hg`.
+
     References:
       Karakida et al., `Understanding Gradient Regularization in Deep Learning: Efficient
       Finite-Difference Computation and Implicit Bias <https://arxiv.org/abs/2210.02720>`_,
@@ -57,6 +65,8 @@ def scale_by_gradient_regularization(
       gamma: penalty strength :math:`\gamma`, nonnegative.
       epsilon: finite-difference step :math:`\epsilon` along the raw gradient, positive.
       direction: ``"forward"``, ``"backward"`` or ``"central"``.
+      normalize: step a fixed length :math:`\epsilon` along the normalized gradient instead of
+        :math:`\epsilon g`.
       axis_name: mesh axis over which gradients are averaged (see :func:`scale_by_sam`).
 
     Returns:
@@ -76,9 +86,13 @@ def scale_by_gradient_regularization(
         gamma_t = _common.value_at(gamma, state.count)
         epsilon_t = _common.value_at(epsilon, state.count)
         g = _common.mean_over_axis(updates, axis_name)
+        norm = _common.global_norm(g)
+        # The difference is taken along `probe`; `scale` converts it back to a product with g.
+        probe, scale = (_common.safe_divide(g, norm), norm) if normalize else (g, 1.0)
 
         def gradient_at(step):
-            return _common.mean_over_axis(grad_fn(_common.add_scaled(params, g, step)), axis_name)
+            perturbed = _common.add_scaled(params, probe, step)
+            return _common.mean_over_axis(grad_fn(perturbed), axis_name)
 
         if direction == "forward":
             difference, width = jax.tree.map(lambda a, b: a - b, gradient_at(epsilon_t), g), 1.0
@@ -87,13 +101,11 @@ def scale_by_gradient_regularization(
         else:
             plus, minus = gradient_at(epsilon_t), gradient_at(-epsilon_t)
             difference, width = jax.tree.map(lambda a, b: a - b, plus, minus), 2.0
-        coefficient = gamma_t / (width * epsilon_t)
+        coefficient = gamma_t * scale / (width * epsilon_t)
         regularized = jax.tree.map(
             lambda a, d: a + (coefficient * d).astype(a.dtype), g, difference
         )
-        return _common.cast_like(regularized, updates), next_sharpness_state(
-            state, _common.global_norm(g)
-        )
+        return _common.cast_like(regularized, updates), next_sharpness_state(state, norm)
 
     return optax.GradientTransformationExtraArgs(init_sharpness_state, update_fn)
 
@@ -104,6 +116,7 @@ def gradient_regularization(
     epsilon: ScalarOrSchedule = 0.05,
     *,
     direction: Direction = "forward",
+    normalize: bool = False,
     axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Finite-difference gradient regularization in front of any optax optimizer.
@@ -128,12 +141,16 @@ def gradient_regularization(
       gamma: penalty strength.
       epsilon: finite-difference step.
       direction: ``"forward"``, ``"backward"`` or ``"central"``.
+      normalize: step along the normalized gradient (see
+        :func:`scale_by_gradient_regularization`).
       axis_name: mesh axis over which gradients are averaged.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; call ``update(..., grad_fn=...)``.
     """
     return optax.chain(
-        scale_by_gradient_regularization(gamma, epsilon, direction=direction, axis_name=axis_name),
+        scale_by_gradient_regularization(
+            gamma, epsilon, direction=direction, normalize=normalize, axis_name=axis_name
+        ),
         base_optimizer,
     )

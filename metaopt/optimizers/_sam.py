@@ -124,7 +124,7 @@ def sam(
       ...     updates, state = opt.update(grads, state, params, grad_fn=jax.grad(loss))
       ...     params = optax.apply_updates(params, updates)
       >>> print(f"{loss(params):.4f}")
-      PLACEHOLDER
+      0.0000
 
     Args:
       base_optimizer: the optax transform that turns SAM's gradient into an update.

@@ -97,7 +97,7 @@ def scale_by_simplified_ademamix(
             nu_hat,
         )
         return new_updates, ScaleBySimplifiedAdEMAMixState(
-            count=count, m=optax.tree.cast(m, mu_dtype), nu=nu
+            count=count, m=_common.cast_like(m, state.m), nu=_common.cast_like(nu, state.nu)
         )
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,89 @@
+"""Runs benchmark suites and writes their tables into docs/benchmarks.md.
+
+Usage, from the repository root::
+
+    python -m benchmarks.run --suite=optimizers
+    python -m benchmarks.run --suite=optimizers --ademamix_params=1000000 --sam_width=128
+    python -m benchmarks.run --distributed --shard   # on every host of a multi-host slice
+
+Each suite replaces only its own section of the report (between
+``<!-- BEGIN GENERATED: <suite> -->`` and ``<!-- END GENERATED: <suite> -->``), together with the
+command, date and machine of the run. Only process 0 writes. The same code runs on CPU, GPU and
+TPU; ``--shard`` lays the arrays out over all devices instead of using one.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+from absl import app, flags
+
+from benchmarks import harness, optimizers
+
+SUITES: dict[str, Callable[[harness.Settings], str]] = {"optimizers": optimizers.run_suite}
+
+_SUITE = flags.DEFINE_list("suite", ["optimizers"], f"Suites to run, from {sorted(SUITES)}.")
+_OUTPUT = flags.DEFINE_string(
+    "output", str(harness.REPORT_PATH), "Markdown report to update (created if missing)."
+)
+_REPEATS = flags.DEFINE_integer(
+    "repeats", 100, "Timed repeats per variant, interleaved across variants.", lower_bound=1
+)
+_WARMUP = flags.DEFINE_integer(
+    "warmup", 3, "Untimed steps per variant after compilation.", lower_bound=0
+)
+_COMPILE_REPEATS = flags.DEFINE_integer(
+    "compile_repeats", 5, "Compilations per variant for the compile time.", lower_bound=1
+)
+_MIN_REPEAT_SECONDS = flags.DEFINE_float(
+    "min_repeat_seconds",
+    0.05,
+    "Each repeat runs consecutive steps for at least this long (and at least one step).",
+    lower_bound=0.0,
+)
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() first (multi-host runs)."
+)
+_SHARD = flags.DEFINE_bool(
+    "shard",
+    False,
+    "Lay arrays out over a mesh of all devices (parameters and state split along their leading "
+    "axis for AdEMAMix, the batch for SAM) instead of running on one device.",
+)
+
+flags.register_validator(
+    "suite",
+    lambda names: bool(names) and all(name in SUITES for name in names),
+    message=f"--suite takes a comma-separated list of names from {sorted(SUITES)}.",
+)
+
+
+def main(argv: Sequence[str]) -> None:
+    """Runs the selected suites and, on process 0, writes their sections of the report."""
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {list(argv[1:])}; all options are flags.")
+    if _DISTRIBUTED.value:
+        jax.distributed.initialize()
+    settings = harness.Settings(
+        repeats=_REPEATS.value,
+        warmup=_WARMUP.value,
+        compile_repeats=_COMPILE_REPEATS.value,
+        min_repeat_seconds=_MIN_REPEAT_SECONDS.value,
+        mesh=harness.device_mesh() if _SHARD.value else None,
+    )
+    command = harness.command_line(sys.argv[1:])
+    machine = harness.machine_description()
+    for suite in _SUITE.value:
+        body = SUITES[suite](settings)
+        if jax.process_index() == 0:
+            section = f"## {suite}\n\n" + harness.provenance(command, machine) + "\n" + body
+            harness.write_section(Path(_OUTPUT.value), suite, section)
+            print(section, flush=True)
+    harness.log(f"wrote {_OUTPUT.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)

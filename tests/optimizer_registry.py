@@ -1,0 +1,197 @@
+"""Every metaopt transform, registered once for the shared optimizer contract test.
+
+A new optimizer joins the contract by adding one ``Entry`` here. ``make(learning_rate, key)``
+builds the transform from the learning rate and the method's own key hyperparameter, both of
+which may be traced arrays; ``inject`` builds the same transform through
+``optax.inject_hyperparams``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import optax
+
+import metaopt
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One optimizer configuration in the contract.
+
+    Attributes:
+      name: test id.
+      make: ``(learning_rate, key_value) -> transform``.
+      inject: ``(learning_rate, key_value) -> transform`` built with ``inject_hyperparams``.
+      key: name of the method's key hyperparameter (differentiated in the contract).
+      key_value: its value in the contract runs.
+      adaptive: True for Adam-like methods (picks the learning rates of the convergence runs).
+      grad_evaluations: gradient evaluations per step, including the caller's own.
+      convergence_key_value: the key hyperparameter in the convergence runs, where a smaller
+        radius or penalty lets the methods reach the minimizer of the unmodified loss.
+      inject_ulps: 0 when ``inject`` must reproduce ``make`` bit for bit; otherwise the
+        float64 round-off allowed (XLA fuses GAM's chained products of constants differently
+        from products of traced scalars, a difference of one unit in the last place).
+    """
+
+    name: str
+    make: Callable[..., optax.GradientTransformation]
+    inject: Callable[..., optax.GradientTransformation]
+    key: str
+    key_value: float
+    adaptive: bool
+    grad_evaluations: int = 1
+    convergence_key_value: float | None = None
+    inject_ulps: int = 0
+
+
+def _momentum(learning_rate):
+    return optax.sgd(learning_rate, momentum=0.9)
+
+
+ENTRIES = [
+    Entry(
+        name="ademamix",
+        make=lambda lr, a: metaopt.ademamix(lr, b3=0.999, alpha=a, weight_decay=1e-4),
+        inject=lambda lr, a: optax.inject_hyperparams(metaopt.ademamix)(
+            learning_rate=lr, b3=0.999, alpha=a, weight_decay=1e-4
+        ),
+        key="alpha",
+        key_value=2.0,
+        adaptive=True,
+    ),
+    Entry(
+        name="ademamix_warmups",
+        make=lambda lr, a: metaopt.ademamix(
+            lr, b3=0.999, alpha=a, alpha_warmup_steps=500, b3_warmup_steps=500
+        ),
+        inject=lambda lr, a: optax.inject_hyperparams(metaopt.ademamix)(
+            learning_rate=lr, b3=0.999, alpha=a, alpha_warmup_steps=500, b3_warmup_steps=500
+        ),
+        key="alpha",
+        key_value=2.0,
+        adaptive=True,
+    ),
+    Entry(
+        name="simplified_ademamix",
+        make=lambda lr, a: metaopt.simplified_ademamix(lr * 0.1, b1=0.9, b2=0.99, alpha=a),
+        inject=lambda lr, a: optax.inject_hyperparams(metaopt.simplified_ademamix)(
+            learning_rate=lr * 0.1, b1=0.9, b2=0.99, alpha=a
+        ),
+        key="alpha",
+        key_value=1.0,
+        adaptive=True,
+    ),
+    Entry(
+        name="sam",
+        make=lambda lr, rho: metaopt.sam(_momentum(lr), rho),
+        inject=lambda lr, rho: optax.inject_hyperparams(metaopt.sam)(
+            base_optimizer=_momentum(lr), rho=rho
+        ),
+        key="rho",
+        key_value=0.02,
+        convergence_key_value=0.005,
+        adaptive=False,
+        grad_evaluations=2,
+    ),
+    Entry(
+        name="sam_over_adamw",
+        make=lambda lr, rho: metaopt.sam(optax.adamw(lr, weight_decay=1e-4), rho),
+        inject=lambda lr, rho: optax.inject_hyperparams(metaopt.sam)(
+            base_optimizer=optax.adamw(lr, weight_decay=1e-4), rho=rho
+        ),
+        key="rho",
+        key_value=0.02,
+        convergence_key_value=0.005,
+        adaptive=True,
+        grad_evaluations=2,
+    ),
+    Entry(
+        name="asam",
+        make=lambda lr, rho: metaopt.asam(_momentum(lr), rho, eta=0.01),
+        inject=lambda lr, rho: optax.inject_hyperparams(metaopt.asam)(
+            base_optimizer=_momentum(lr), rho=rho, eta=0.01
+        ),
+        key="rho",
+        key_value=0.05,
+        convergence_key_value=0.01,
+        adaptive=False,
+        grad_evaluations=2,
+    ),
+    Entry(
+        name="gam",
+        make=lambda lr, alpha: metaopt.gam(_momentum(lr), rho=0.02, alpha=alpha),
+        inject=lambda lr, alpha: optax.inject_hyperparams(metaopt.gam)(
+            base_optimizer=_momentum(lr), rho=0.02, alpha=alpha
+        ),
+        key="alpha",
+        key_value=0.1,
+        adaptive=False,
+        grad_evaluations=4,
+        inject_ulps=4,
+    ),
+    Entry(
+        name="gradient_regularization",
+        make=lambda lr, gamma: metaopt.gradient_regularization(_momentum(lr), gamma, 1e-3),
+        inject=lambda lr, gamma: optax.inject_hyperparams(metaopt.gradient_regularization)(
+            base_optimizer=_momentum(lr), gamma=gamma, epsilon=1e-3
+        ),
+        key="gamma",
+        key_value=0.02,
+        convergence_key_value=1e-4,
+        adaptive=False,
+        grad_evaluations=2,
+    ),
+    Entry(
+        name="gradient_regularization_normalized",
+        make=lambda lr, gamma: metaopt.gradient_regularization(
+            _momentum(lr), gamma, 0.01, direction="central", normalize=True
+        ),
+        inject=lambda lr, gamma: optax.inject_hyperparams(
+            metaopt.gradient_regularization, static_args=("direction", "normalize")
+        )(
+            base_optimizer=_momentum(lr),
+            gamma=gamma,
+            epsilon=0.01,
+            direction="central",
+            normalize=True,
+        ),
+        key="gamma",
+        key_value=0.02,
+        convergence_key_value=1e-4,
+        adaptive=False,
+        grad_evaluations=3,
+    ),
+]
+
+ENTRY_BY_NAME = {entry.name: entry for entry in ENTRIES}
+
+
+def public_transforms() -> set[str]:
+    """Names of the public transform factories the contract must cover."""
+    return {
+        name
+        for name in metaopt.__all__
+        if callable(getattr(metaopt, name))
+        and not name[0].isupper()
+        and not name.endswith(("_warmup",))
+    }
+
+
+# Which registry entries exercise each public factory (a scale_by_* core is exercised through
+# its alias, which is a chain of the core with learning rate and weight decay).
+COVERAGE = {
+    "ademamix": "ademamix",
+    "scale_by_ademamix": "ademamix",
+    "simplified_ademamix": "simplified_ademamix",
+    "scale_by_simplified_ademamix": "simplified_ademamix",
+    "sam": "sam",
+    "scale_by_sam": "sam",
+    "asam": "asam",
+    "scale_by_asam": "asam",
+    "gam": "gam",
+    "scale_by_gam": "gam",
+    "gradient_regularization": "gradient_regularization",
+    "scale_by_gradient_regularization": "gradient_regularization",
+}

@@ -1,0 +1,296 @@
+"""The optimizer contract: one battery that every metaopt transform must pass.
+
+Register a transform in ``tests/optimizer_registry.py`` and it is checked for: convergence on
+standard problems, jit equivalence, ``inject_hyperparams`` equivalence, differentiable
+hyperparameters (against finite differences, float64), dtype preservation, stable state, a
+bit-exact checkpoint round trip, sharded equals unsharded on an 8-device mesh, and no NaN for
+zero gradients.
+"""
+
+from __future__ import annotations
+
+import io
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from tests.optimizer_registry import COVERAGE, ENTRIES, ENTRY_BY_NAME, public_transforms
+
+NAMES = [entry.name for entry in ENTRIES]
+
+
+# ----------------------------------------------------------------------------- problems
+def _quadratic(dtype):
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(10, 10)))
+    a = (q * np.linspace(1.0, 10.0, 10)) @ q.T
+    b = rng.normal(size=10)
+    x_star = np.linalg.solve(a, b)
+    a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+
+    def loss(x):
+        return 0.5 * x @ a @ x - b @ x
+
+    optimum = float(loss(jnp.asarray(x_star, dtype)))
+    return loss, jnp.zeros(10, dtype), optimum
+
+
+def _rosenbrock(dtype):
+    def loss(p):
+        x, y = p["x"], p["y"]
+        return jnp.sum(jnp.square(1.0 - x) + 100.0 * jnp.square(y - x * x))
+
+    return loss, {"x": jnp.array([-1.2], dtype), "y": jnp.array([1.0], dtype)}, 0.0
+
+
+def _least_squares(dtype):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(64, 8))
+    w = rng.normal(size=8)
+    y = x @ w + 0.1 * rng.normal(size=64)
+    optimum_w = np.linalg.lstsq(x, y, rcond=None)[0]
+    x, y = jnp.asarray(x, dtype), jnp.asarray(y, dtype)
+
+    def loss(p):
+        return 0.5 * jnp.mean(jnp.square(x @ p["w"] + p["b"] - y))
+
+    optimum = float(loss({"w": jnp.asarray(optimum_w, dtype), "b": jnp.zeros((), dtype)}))
+    return loss, {"w": jnp.zeros(8, dtype), "b": jnp.zeros((), dtype)}, optimum
+
+
+def _mlp(dtype):
+    rng = np.random.default_rng(2)
+    # Asymmetric data: no gradient entry is zero up to round-off, which would make Adam-type
+    # derivatives with respect to hyperparameters ill-conditioned (d sqrt(v)/dv at v ~ 0).
+    x = np.linspace(-2, 3, 64)[:, None]
+    y = np.sin(x) + 0.5
+    x, y = jnp.asarray(x, dtype), jnp.asarray(y, dtype)
+    params = {
+        "w1": jnp.asarray(rng.normal(size=(1, 16)), dtype),
+        "b1": jnp.zeros(16, dtype),
+        "w2": jnp.asarray(rng.normal(size=(16, 1)) / 4.0, dtype),
+        "b2": jnp.zeros(1, dtype),
+    }
+
+    def loss(p):
+        hidden = jnp.tanh(x @ p["w1"] + p["b1"])
+        return 0.5 * jnp.mean(jnp.square(hidden @ p["w2"] + p["b2"] - y))
+
+    return loss, params, 0.0
+
+
+PROBLEMS = {
+    "quadratic": _quadratic,
+    "rosenbrock": _rosenbrock,
+    "least_squares": _least_squares,
+    "mlp": _mlp,
+}
+# (learning rate for adaptive methods, for momentum SGD bases, steps, required fraction of the
+# initial excess loss that must be gone)
+SETTINGS = {
+    "quadratic": (0.05, 0.01, 1000, 1e-3),
+    "rosenbrock": (0.02, 1e-3, 3000, 1e-2),
+    "least_squares": (0.05, 0.05, 1000, 1e-3),
+    "mlp": (0.01, 0.05, 1500, 5e-2),
+}
+
+
+# ----------------------------------------------------------------------------- helpers
+def _with_extra_args(tx):
+    return optax.with_extra_args_support(tx)
+
+
+def _run(tx, loss, params, steps, state=None):
+    """Runs ``steps`` optimizer steps; returns (params, state, losses)."""
+    tx = _with_extra_args(tx)
+    grad_fn = jax.grad(loss)
+    state = tx.init(params) if state is None else state
+
+    def body(carry, _):
+        p, s = carry
+        updates, s = tx.update(grad_fn(p), s, p, grad_fn=grad_fn)
+        return (optax.apply_updates(p, updates), s), loss(p)
+
+    (params, state), losses = jax.lax.scan(body, (params, state), None, length=steps)
+    return params, state, losses
+
+
+def _assert_trees_equal(a, b):
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def _structure(tree):
+    return jax.tree.structure(tree), [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]
+
+
+# ----------------------------------------------------------------------------- the contract
+def test_every_public_transform_is_in_the_contract():
+    covered = {name for name, entry in COVERAGE.items() if entry in ENTRY_BY_NAME}
+    missing = public_transforms() - covered
+    assert not missing, f"register these in tests/optimizer_registry.py: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("problem", sorted(PROBLEMS))
+@pytest.mark.parametrize("name", NAMES)
+def test_converges_on_standard_problems(name, problem):
+    entry = ENTRY_BY_NAME[name]
+    loss, params, optimum = PROBLEMS[problem](jnp.float32)
+    adaptive_lr, sgd_lr, steps, fraction = SETTINGS[problem]
+    lr = adaptive_lr if entry.adaptive else sgd_lr
+    key_value = entry.convergence_key_value or entry.key_value
+    final, _, _ = jax.jit(lambda p: _run(entry.make(lr, key_value), loss, p, steps))(params)
+    initial_gap = float(loss(params)) - optimum
+    final_gap = float(loss(final)) - optimum
+    assert np.isfinite(final_gap)
+    assert final_gap <= fraction * initial_gap, (final_gap, initial_gap)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_jit_gives_the_same_trajectory(name):
+    entry = ENTRY_BY_NAME[name]
+    loss, params, _ = _least_squares(jnp.float64)
+    tx = _with_extra_args(entry.make(0.01, entry.key_value))
+    grad_fn = jax.grad(loss)
+    eager_state = jit_state = tx.init(params)
+    eager = jitted = params
+    step = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=grad_fn))
+    for _ in range(5):
+        updates, eager_state = tx.update(grad_fn(eager), eager_state, eager, grad_fn=grad_fn)
+        eager = optax.apply_updates(eager, updates)
+        updates, jit_state = step(grad_fn(jitted), jit_state, jitted)
+        jitted = optax.apply_updates(jitted, updates)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14), eager, jitted
+    )
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inject_hyperparams_gives_identical_updates(name):
+    entry = ENTRY_BY_NAME[name]
+    # inject_hyperparams stores hyperparameters in the parameters' dtype while Python floats
+    # are weakly typed; with float64 parameters both paths compute in float64 and must agree
+    # bit for bit (in float32 mode both compute in float32).
+    loss, params, _ = _mlp(jnp.float64)
+    plain, _, plain_losses = _run(entry.make(0.01, entry.key_value), loss, params, 20)
+    injected, state, injected_losses = _run(entry.inject(0.01, entry.key_value), loss, params, 20)
+    if entry.inject_ulps == 0:
+        _assert_trees_equal(plain, injected)
+        np.testing.assert_array_equal(plain_losses, injected_losses)
+    else:
+        tolerance = entry.inject_ulps * np.finfo(np.float64).eps
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance),
+            (plain, plain_losses),
+            (injected, injected_losses),
+        )
+    assert entry.key in state.hyperparams
+
+
+@pytest.mark.parametrize("hyperparameter", ["learning_rate", "key"])
+@pytest.mark.parametrize("name", NAMES)
+def test_hyperparameter_gradient_matches_finite_differences(name, hyperparameter):
+    entry = ENTRY_BY_NAME[name]
+    loss, params, _ = _mlp(jnp.float64)
+    lr0, key0 = 0.01, entry.key_value
+
+    def loss_after_steps(value):
+        lr, key = (value, key0) if hyperparameter == "learning_rate" else (lr0, value)
+        final, _, _ = _run(entry.make(lr, key), loss, params, 8)
+        return loss(final)
+
+    x0 = lr0 if hyperparameter == "learning_rate" else key0
+    analytic = float(jax.jit(jax.grad(loss_after_steps))(jnp.float64(x0)))
+    h = 1e-5 * x0
+    f = jax.jit(loss_after_steps)
+    numeric = (float(f(jnp.float64(x0 + h))) - float(f(jnp.float64(x0 - h)))) / (2 * h)
+    assert abs(numeric) > 1e-8, "the hyperparameter must influence the loss in this check"
+    np.testing.assert_allclose(analytic, numeric, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("name", NAMES)
+def test_parameter_dtype_and_state_are_preserved(name, dtype):
+    entry = ENTRY_BY_NAME[name]
+    loss, params, _ = _mlp(dtype)
+    tx = _with_extra_args(entry.make(0.01, entry.key_value))
+    state0 = tx.init(params)
+    grad_fn = jax.grad(loss)
+    step = jax.jit(lambda p, s: tx.update(grad_fn(p), s, p, grad_fn=grad_fn))
+    state = state0
+    for _ in range(3):
+        updates, state = step(params, state)
+        params = optax.apply_updates(params, updates)
+        for leaf in jax.tree.leaves(updates) + jax.tree.leaves(params):
+            assert leaf.dtype == dtype
+        assert _structure(state) == _structure(state0)
+    assert all(np.all(np.isfinite(np.asarray(x, np.float32))) for x in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_checkpoint_round_trip_continues_bit_for_bit(name, tmp_path):
+    entry = ENTRY_BY_NAME[name]
+    loss, params, _ = _mlp(jnp.float32)
+    tx = entry.make(0.01, entry.key_value)
+    run = jax.jit(lambda p, s: _run(tx, loss, p, 10, s)[:2])
+    params, state = run(params, _with_extra_args(tx).init(params))
+
+    # Save with numpy.savez, restore into the structure of a fresh state.
+    leaves, treedef = jax.tree.flatten((params, state))
+    buffer = io.BytesIO()
+    np.savez(buffer, *[np.asarray(x) for x in leaves])
+    path = tmp_path / "checkpoint.npz"
+    path.write_bytes(buffer.getvalue())
+    with np.load(path) as data:
+        restored_leaves = [jnp.asarray(data[f"arr_{i}"]) for i in range(len(leaves))]
+    restored = jax.tree.unflatten(treedef, restored_leaves)
+    for a, b in zip(leaves, restored_leaves, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+
+    uninterrupted = run(params, state)
+    resumed = run(*restored)
+    _assert_trees_equal(uninterrupted, resumed)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sharded_parameters_give_the_unsharded_result(name):
+    entry = ENTRY_BY_NAME[name]
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(32, 16)))
+    params = {"w": jnp.asarray(rng.normal(size=(16, 8)) / 4), "b": jnp.zeros(8)}
+
+    def loss(p):
+        return jnp.mean(jnp.square(jnp.tanh(x @ p["w"] + p["b"]) - 0.5))
+
+    run = jax.jit(lambda p: _run(entry.make(0.05, entry.key_value), loss, p, 5)[0])
+    expected = run(params)
+
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("rows", "cols"))
+    sharding = {
+        "w": NamedSharding(mesh, PartitionSpec("rows", "cols")),
+        "b": NamedSharding(mesh, PartitionSpec("cols")),
+    }
+    sharded_params = jax.device_put(params, sharding)
+    got = run(sharded_params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14), got, expected
+    )
+    # The parameters stay distributed as they came in.
+    assert got["w"].sharding.is_equivalent_to(sharding["w"], 2)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_zero_gradient_gives_finite_updates_and_state(name):
+    entry = ENTRY_BY_NAME[name]
+    params = {"w": jnp.ones((3, 2), jnp.float32), "b": jnp.zeros(2, jnp.float32)}
+    tx = _with_extra_args(entry.make(0.01, entry.key_value))
+    state = tx.init(params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    for _ in range(3):
+        updates, state = tx.update(zeros, state, params, grad_fn=lambda p: zeros)
+        params = optax.apply_updates(params, updates)
+    for leaf in jax.tree.leaves((params, updates, state)):
+        assert np.all(np.isfinite(np.asarray(leaf, np.float64)))

@@ -13,10 +13,28 @@ import sys
 import pytest
 
 import metaopt
+import metaopt.tasks
+
+# Every public namespace and the names it exports.
+PUBLIC = {"metaopt": metaopt.__all__, "metaopt.tasks": metaopt.tasks.__all__}
+PUBLIC_NAMES = [f"{module}.{name}" for module, names in PUBLIC.items() for name in names]
 
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
 API_PAGE = DOCS / "api.md"
-AUTODOC_DIRECTIVE = re.compile(r"^\.\. auto(?:function|class|data)::\s+(\w+)\s*$", re.MULTILINE)
+DIRECTIVE = re.compile(
+    r"^\.\. (currentmodule|autofunction|autoclass|autodata)::\s+([\w.]+)\s*$", re.MULTILINE
+)
+
+
+def _documented_names(text):
+    """Fully qualified names of the autodoc directives, following ``currentmodule``."""
+    module, names = None, []
+    for directive, argument in DIRECTIVE.findall(text):
+        if directive == "currentmodule":
+            module = argument
+        else:
+            names.append(f"{module}.{argument}")
+    return names
 
 
 @pytest.fixture(scope="module")
@@ -41,26 +59,27 @@ def test_every_public_name_is_on_the_built_api_page(built_site):
     result, html = built_site
     assert result.returncode == 0, "the site did not build; see the test above"
     page = (html / "api.html").read_text(encoding="utf-8")
-    missing = [name for name in metaopt.__all__ if f'id="metaopt.{name}"' not in page]
+    missing = [name for name in PUBLIC_NAMES if f'id="{name}"' not in page]
     assert not missing, f"public names without an entry in the built API reference: {missing}"
 
 
 def test_api_page_documents_exactly_the_public_names():
-    documented = AUTODOC_DIRECTIVE.findall(API_PAGE.read_text(encoding="utf-8"))
+    documented = _documented_names(API_PAGE.read_text(encoding="utf-8"))
     duplicated = sorted({name for name in documented if documented.count(name) > 1})
     assert not duplicated, f"documented more than once in docs/api.md: {duplicated}"
-    missing = sorted(set(metaopt.__all__) - set(documented))
+    missing = sorted(set(PUBLIC_NAMES) - set(documented))
     assert not missing, f"add an autodoc directive to docs/api.md for: {missing}"
-    stale = sorted(set(documented) - set(metaopt.__all__))
-    assert not stale, f"docs/api.md documents names that are not in metaopt.__all__: {stale}"
+    stale = sorted(set(documented) - set(PUBLIC_NAMES))
+    assert not stale, f"docs/api.md documents names that are not public: {stale}"
 
 
-@pytest.mark.parametrize("name", metaopt.__all__)
+@pytest.mark.parametrize("name", PUBLIC_NAMES)
 def test_public_name_has_its_own_docstring(name):
-    obj = getattr(metaopt, name)
+    module, _, attribute = name.rpartition(".")
+    obj = getattr(sys.modules[module], attribute)
     doc = inspect.getdoc(obj) or ""
-    assert doc.strip(), f"metaopt.{name} has no docstring"
+    assert doc.strip(), f"{name} has no docstring"
     if inspect.isclass(obj) and hasattr(obj, "_fields"):
         # A NamedTuple without a docstring gets an automatic one: "Name(field, field, ...)".
         automatic = f"{obj.__name__}({', '.join(obj._fields)})"
-        assert doc.strip() != automatic, f"metaopt.{name} has only the automatic docstring"
+        assert doc.strip() != automatic, f"{name} has only the automatic docstring"

@@ -211,6 +211,23 @@ def test_hyperparameter_gradient_matches_finite_differences(name, hyperparameter
     np.testing.assert_allclose(analytic, numeric, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_new_hyperparameter_values_do_not_recompile(name):
+    entry = ENTRY_BY_NAME[name]
+    loss, params, _ = _least_squares(jnp.float32)
+    traces = []
+
+    @jax.jit
+    def run(lr, key):
+        traces.append(None)
+        return _run(entry.make(lr, key), loss, params, 3)[0]
+
+    first = run(jnp.float32(0.01), jnp.float32(entry.key_value))
+    second = run(jnp.float32(0.02), jnp.float32(entry.key_value * 1.5))
+    assert len(traces) == 1
+    assert not np.allclose(first["w"], second["w"])
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("name", NAMES)
 def test_parameter_dtype_and_state_are_preserved(name, dtype):

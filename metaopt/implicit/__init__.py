@@ -1,0 +1,20 @@
+"""Layer 2: implicit differentiation and the linear solvers of its adjoint systems."""
+
+from metaopt.implicit._bicgstab import BiCGSTAB
+from metaopt.implicit._cg import CG, NormalCG
+from metaopt.implicit._gmres import GMRES
+from metaopt.implicit._linear_solve_info import LinearSolveInfo, LinearSolver
+from metaopt.implicit._minres import MINRES
+from metaopt.implicit._neumann import Dense, Neumann
+
+__all__ = [
+    "CG",
+    "GMRES",
+    "MINRES",
+    "BiCGSTAB",
+    "Dense",
+    "LinearSolveInfo",
+    "LinearSolver",
+    "Neumann",
+    "NormalCG",
+]

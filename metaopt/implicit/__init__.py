@@ -2,6 +2,11 @@
 
 from metaopt.implicit._bicgstab import BiCGSTAB
 from metaopt.implicit._cg import CG, NormalCG
+from metaopt.implicit._custom_root import (
+    ImplicitDifferentiationWarning,
+    custom_fixed_point,
+    custom_root,
+)
 from metaopt.implicit._gmres import GMRES
 from metaopt.implicit._linear_solve_info import LinearSolveInfo, LinearSolver
 from metaopt.implicit._minres import MINRES
@@ -13,8 +18,11 @@ __all__ = [
     "MINRES",
     "BiCGSTAB",
     "Dense",
+    "ImplicitDifferentiationWarning",
     "LinearSolveInfo",
     "LinearSolver",
     "Neumann",
     "NormalCG",
+    "custom_fixed_point",
+    "custom_root",
 ]

@@ -1,0 +1,14 @@
+"""Layer 3: inner solves with a choice of how to differentiate them."""
+
+from metaopt.bilevel._diff import FirstOrder, Implicit, Truncated, Unrolled
+from metaopt.bilevel._solve import InnerSolveWarning, SolveDiagnostics, solve
+
+__all__ = [
+    "FirstOrder",
+    "Implicit",
+    "InnerSolveWarning",
+    "SolveDiagnostics",
+    "Truncated",
+    "Unrolled",
+    "solve",
+]

@@ -1,0 +1,101 @@
+"""How derivatives flow back through an inner solve: the ``diff`` objects of :func:`solve`.
+
+The inner loop knows nothing about differentiation; each object here decides how the loop is
+run so that ``jax.grad`` of an outer loss through :func:`metaopt.bilevel.solve` gives the
+hypergradient it stands for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from metaopt.implicit import CG, LinearSolver
+
+OnFailure = Literal["warn", "nan", "raise", "ignore"]
+_POLICIES = ("warn", "nan", "raise", "ignore")
+
+
+@dataclasses.dataclass(frozen=True)
+class Implicit:
+    r"""Implicit differentiation: :math:`\partial_\theta x^\star = -H^{-1}\partial_\theta
+    \nabla_x f` at the solution.
+
+    Memory and time of the backward pass do not depend on the number of inner steps: one
+    linear solve with the inner Hessian :math:`H` (Hessian-vector products only). Exact once
+    the inner problem is solved; wrong by an amount proportional to the remaining inner
+    gradient if it is not. The derivative with respect to ``init`` is zero.
+
+    Attributes:
+      linear_solver: solver for the adjoint system (:class:`metaopt.implicit.CG` for a convex
+        inner problem, :class:`metaopt.implicit.MINRES` when the inner Hessian may be
+        indefinite, a fixed small number of CG steps as in iMAML).
+      on_failure: what happens when the inner solve did not reach ``tol`` or the adjoint solve
+        did not converge or met negative curvature: ``"warn"`` (default: a warning at run
+        time, the event is in the diagnostics, the derivative is returned), ``"nan"`` (the
+        hypergradient is NaN), ``"raise"`` (a runtime error) or ``"ignore"``.
+    """
+
+    linear_solver: LinearSolver = dataclasses.field(default_factory=CG)
+    on_failure: OnFailure = "warn"
+
+    def __post_init__(self):
+        if self.on_failure not in _POLICIES:
+            raise ValueError(
+                f"on_failure must be one of {_POLICIES}, got on_failure={self.on_failure!r}."
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class Unrolled:
+    r"""Backpropagation through every inner step (exact for the iterate actually returned).
+
+    Memory grows linearly with the number of steps. With ``checkpoint=True`` the steps run in
+    :math:`\lceil\sqrt{K}\rceil` segments whose insides are recomputed in the backward pass
+    (``jax.checkpoint``), so memory grows as :math:`O(\sqrt{K})` for one extra forward pass.
+    ``checkpoint`` may also be an int: the segment length.
+
+    Attributes:
+      checkpoint: False, True (segments of about :math:`\sqrt{K}` steps) or a segment length.
+    """
+
+    checkpoint: bool | int = False
+
+    def __post_init__(self):
+        c = self.checkpoint
+        if not isinstance(c, bool) and (not isinstance(c, int) or c < 1):
+            raise ValueError(
+                f"checkpoint must be True, False or a positive segment length, got "
+                f"checkpoint={c!r}."
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class Truncated:
+    r"""Backpropagation through the last ``k`` inner steps only.
+
+    The first steps run without recording anything; the last ``k`` are unrolled. Memory is
+    that of ``k`` steps; the hypergradient is biased (it ignores how earlier steps depended on
+    the hyperparameters), less so as ``k`` grows. The derivative with respect to ``init`` is
+    zero unless ``k`` covers every step.
+
+    Attributes:
+      k: number of final steps differentiated.
+    """
+
+    k: int
+
+    def __post_init__(self):
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k must be a positive integer, got k={self.k!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstOrder:
+    r"""No second derivatives: the solution is treated as ``init`` plus a constant.
+
+    :math:`\partial x^\star/\partial\,\mathrm{init} = I` and
+    :math:`\partial x^\star/\partial\theta = 0`: first-order MAML (FOMAML) when the
+    meta-parameters are the initialization. The cheapest mode: the backward pass costs
+    nothing beyond the outer gradient.
+    """

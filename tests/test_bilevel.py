@@ -1,0 +1,265 @@
+"""bilevel.solve: hypergradients of every diff mode against closed forms and finite differences."""
+
+import itertools
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import metaopt
+from metaopt import bilevel
+from metaopt.implicit import CG, MINRES, ImplicitDifferentiationWarning
+
+
+def _ridge_data(n=40, d=5, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d))
+    y = x @ rng.normal(size=d) + 0.3 * rng.normal(size=n)
+    x_val = rng.normal(size=(n, d))
+    y_val = x_val @ rng.normal(size=d)
+    return tuple(jnp.asarray(a) for a in (x, y, x_val, y_val))
+
+
+X, Y, X_VAL, Y_VAL = _ridge_data()
+STEP = 1.0 / (float(jnp.linalg.norm(X, 2)) ** 2 + 5.0)
+
+
+def inner_ridge(w, penalty):
+    return 0.5 * jnp.sum(jnp.square(X @ w - Y)) + 0.5 * jnp.sum(penalty * w**2)
+
+
+def outer_of(w):
+    return 0.5 * jnp.mean(jnp.square(X_VAL @ w - Y_VAL))
+
+
+def exact_outer(penalty):
+    a = X.T @ X + jnp.diag(jnp.broadcast_to(penalty, (5,)))
+    return outer_of(jnp.linalg.solve(a, X.T @ Y))
+
+
+def _outer(diff, steps=3000, tol=1e-10, optimizer=None):
+    def outer(penalty, init=None):
+        init = jnp.zeros(5) if init is None else init
+        w, _ = bilevel.solve(
+            inner_ridge,
+            init,
+            penalty,
+            optimizer=optimizer or optax.sgd(STEP),
+            steps=steps,
+            tol=tol,
+            diff=diff,
+        )
+        return outer_of(w)
+
+    return outer
+
+
+@pytest.mark.parametrize("per_feature", [False, True])
+@pytest.mark.parametrize(
+    "diff", [bilevel.Implicit(), bilevel.Unrolled(), bilevel.Unrolled(checkpoint=True)]
+)
+def test_ridge_hypergradient_matches_closed_form(diff, per_feature):
+    penalty = jnp.linspace(0.5, 2.0, 5) if per_feature else jnp.asarray(1.2)
+    got = jax.jit(jax.grad(_outer(diff)))(penalty)
+    np.testing.assert_allclose(got, jax.grad(exact_outer)(penalty), rtol=1e-6)
+
+
+def test_implicit_unrolled_and_finite_differences_agree_and_unrolled_converges():
+    penalty = jnp.asarray(0.8)
+    h = 1e-5
+    finite = (exact_outer(penalty + h) - exact_outer(penalty - h)) / (2 * h)
+    implicit = jax.grad(_outer(bilevel.Implicit()))(penalty)
+    np.testing.assert_allclose(implicit, finite, rtol=1e-6)
+    errors = [
+        float(abs(jax.grad(_outer(bilevel.Unrolled(), steps=k, tol=None))(penalty) - implicit))
+        for k in (10, 30, 100, 300, 1000)
+    ]
+    # Each longer unroll is closer, until the gap reaches round-off.
+    assert all(b < a or b < 1e-11 for a, b in itertools.pairwise(errors)), errors
+    assert errors[-1] < 1e-6 * abs(float(implicit)) < errors[0]
+
+
+def test_checkpointed_unrolling_gives_the_same_gradient_in_less_memory():
+    penalty = jnp.asarray(0.8)
+    plain = jax.grad(_outer(bilevel.Unrolled(), steps=900, tol=None))
+    checkpointed = jax.grad(_outer(bilevel.Unrolled(checkpoint=True), steps=900, tol=None))
+    np.testing.assert_allclose(checkpointed(penalty), plain(penalty), rtol=1e-12)
+
+    def temp_bytes(f):
+        return jax.jit(f).lower(penalty).compile().memory_analysis().temp_size_in_bytes
+
+    # 900 stored steps against about 2 * sqrt(900) = 60.
+    assert temp_bytes(checkpointed) < temp_bytes(plain) / 5
+
+
+def test_truncated_and_first_order():
+    penalty = jnp.asarray(0.8)
+    full = jax.grad(_outer(bilevel.Unrolled(), steps=50, tol=None), argnums=(0, 1))
+    truncated_all = jax.grad(_outer(bilevel.Truncated(50), steps=50, tol=None), argnums=(0, 1))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12),
+        truncated_all(penalty, jnp.ones(5)),
+        full(penalty, jnp.ones(5)),
+    )
+    g_penalty, g_init = jax.grad(_outer(bilevel.Truncated(5), steps=50, tol=None), argnums=(0, 1))(
+        penalty, jnp.ones(5)
+    )
+    np.testing.assert_array_equal(g_init, np.zeros(5))
+    assert 0 < abs(float(g_penalty)) < abs(float(full(penalty, jnp.ones(5))[0]))
+
+    # FirstOrder: identity with respect to init, nothing through the hyperparameters.
+    first_order = _outer(bilevel.FirstOrder())
+    g_penalty, g_init = jax.grad(first_order, argnums=(0, 1))(penalty, jnp.ones(5))
+    w_star, _ = bilevel.solve(
+        inner_ridge, jnp.ones(5), penalty, optimizer=optax.sgd(STEP), steps=3000, tol=1e-10
+    )
+    np.testing.assert_allclose(g_init, jax.grad(outer_of)(w_star), rtol=1e-8)
+    assert float(g_penalty) == 0.0
+
+
+def test_diagnostics_report_steps_norm_and_convergence():
+    _, info = bilevel.solve(
+        inner_ridge, jnp.zeros(5), 1.0, optimizer=optax.sgd(STEP), steps=5000, tol=1e-8
+    )
+    assert bool(info.converged) and float(info.gradient_norm) <= 1e-8
+    assert 0 < int(info.steps) < 5000  # stopped early
+    _, info = bilevel.solve(
+        inner_ridge, jnp.zeros(5), 1.0, optimizer=optax.sgd(STEP), steps=3, tol=1e-8
+    )
+    assert not bool(info.converged) and int(info.steps) == 3
+
+
+def test_inner_solve_stopped_early_warns_and_policies_act():
+    def outer(on_failure):
+        return _outer(bilevel.Implicit(on_failure=on_failure), steps=5, tol=1e-8)
+
+    with pytest.warns(metaopt.bilevel.InnerSolveWarning, match="did not reach its tolerance"):
+        jax.block_until_ready(jax.grad(outer("warn"))(1.0))
+    assert np.isnan(float(jax.grad(outer("nan"))(1.0)))
+    with pytest.raises(Exception, match="did not reach its tolerance"):
+        jax.block_until_ready(jax.grad(outer("raise"))(1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isfinite(float(jax.grad(outer("ignore"))(1.0)))
+        # A converged solve is silent under the default policy.
+        assert np.isfinite(float(jax.grad(_outer(bilevel.Implicit()))(1.0)))
+
+
+def test_capped_adjoint_solve_is_reported():
+    diff = bilevel.Implicit(CG(maxiter=1))
+    with pytest.warns(ImplicitDifferentiationWarning, match="converged=False"):
+        jax.block_until_ready(jax.grad(_outer(diff))(jnp.linspace(0.5, 2.0, 5)))
+
+
+def test_indefinite_inner_hessian_of_a_nonconvex_mlp_is_flagged():
+    rng = np.random.default_rng(1)
+    inputs = jnp.asarray(rng.normal(size=(16, 2)))
+    targets = jnp.asarray(np.sin(rng.normal(size=16)))
+
+    def inner(params, scale):
+        hidden = jnp.tanh(inputs @ params["w1"])
+        prediction = hidden @ params["w2"]
+        return 0.5 * jnp.mean((prediction - scale * targets) ** 2)
+
+    init = {"w1": jnp.asarray(rng.normal(size=(2, 8))), "w2": jnp.zeros(8)}
+
+    def outer(scale, solver):
+        params, _ = bilevel.solve(
+            inner,
+            init,
+            scale,
+            optimizer=optax.sgd(0.1),
+            steps=3,
+            diff=bilevel.Implicit(solver),
+        )
+        return jnp.sum(params["w2"])
+
+    # Three steps from a random start: the inner Hessian has negative eigenvalues there.
+    hessian = jax.hessian(lambda flat: inner(unravel(flat), 1.0))
+    flat, unravel = jax.flatten_util.ravel_pytree(init)
+    assert float(jnp.min(jnp.linalg.eigvalsh(hessian(flat)))) < 0
+    with pytest.warns(ImplicitDifferentiationWarning, match="negative_curvature=True"):
+        jax.block_until_ready(jax.grad(outer)(1.0, CG()))
+    # MINRES handles the symmetric indefinite system.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", metaopt.bilevel.InnerSolveWarning)
+        assert np.isfinite(float(jax.grad(outer)(1.0, MINRES(tol=1e-8))))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_vmap_over_tasks_equals_a_loop(dtype):
+    tasks = [_ridge_data(seed=s) for s in range(3)]
+    xs = jnp.stack([t[0] for t in tasks]).astype(dtype)
+    ys = jnp.stack([t[1] for t in tasks]).astype(dtype)
+    tol = 1e-4 if dtype == jnp.float32 else 1e-10
+
+    def task_loss(penalty, x, y):
+        def inner(w, penalty):
+            return 0.5 * jnp.sum((x @ w - y) ** 2) + 0.5 * penalty * jnp.sum(w**2)
+
+        w, _ = bilevel.solve(
+            inner,
+            jnp.zeros(5, dtype),
+            penalty,
+            optimizer=optax.sgd(STEP),
+            steps=4000,
+            tol=tol,
+            diff=bilevel.Implicit(CG(tol=1e-5 if dtype == jnp.float32 else 1e-10)),
+        )
+        return jnp.sum(w)
+
+    penalty = jnp.asarray(0.7, dtype)
+    batched = jax.jit(jax.vmap(jax.grad(task_loss), in_axes=(None, 0, 0)))(penalty, xs, ys)
+    looped = [jax.grad(task_loss)(penalty, xs[i], ys[i]) for i in range(3)]
+    np.testing.assert_allclose(batched, looped, rtol=1e-3 if dtype == jnp.float32 else 1e-9)
+
+
+def test_adam_inner_loop_is_differentiable_twice_without_nan():
+    # A parameter whose gradient is exactly zero at every step makes Adam's sqrt(nu) sit at 0,
+    # where its derivative is infinite; eps_root keeps the unrolled derivative finite.
+    def inner(w, penalty):
+        return 0.5 * jnp.sum((X @ w[:5] - Y) ** 2) + 0.5 * penalty * jnp.sum(w[:5] ** 2)
+
+    def outer(penalty):
+        w, _ = bilevel.solve(
+            inner,
+            jnp.zeros(6),
+            penalty,
+            optimizer=optax.adam(0.05, eps_root=1e-16),
+            steps=30,
+            diff=bilevel.Unrolled(),
+        )
+        return outer_of(w[:5])
+
+    assert np.isfinite(float(jax.grad(outer)(0.5)))
+    assert np.isfinite(float(jax.grad(jax.grad(outer))(0.5)))
+
+
+def test_sharpness_aware_inner_optimizer_gets_its_grad_fn():
+    w, info = bilevel.solve(
+        inner_ridge,
+        jnp.zeros(5),
+        1.0,
+        optimizer=metaopt.sam(optax.sgd(STEP), rho=1e-3),
+        steps=200,
+        diff=bilevel.Unrolled(),
+    )
+    assert int(info.steps) == 200 and np.all(np.isfinite(w))
+
+
+def test_bad_configuration_is_rejected():
+    with pytest.raises(ValueError, match="steps"):
+        bilevel.solve(inner_ridge, jnp.zeros(5), 1.0, optimizer=optax.sgd(0.1), steps=0)
+    with pytest.raises(TypeError, match="diff"):
+        bilevel.solve(
+            inner_ridge, jnp.zeros(5), 1.0, optimizer=optax.sgd(0.1), steps=3, diff="implicit"
+        )
+    with pytest.raises(ValueError, match="k"):
+        bilevel.Truncated(0)
+    with pytest.raises(ValueError, match="checkpoint"):
+        bilevel.Unrolled(checkpoint=-2)
+    with pytest.raises(ValueError, match="on_failure"):
+        bilevel.Implicit(on_failure="shrug")

@@ -135,9 +135,9 @@ def scale_by_ademamix(
       alpha_warmup_steps: if given, alpha grows linearly to its value over this many steps.
       b3_warmup_steps: if given, beta3 grows from b1 to its value over this many steps.
       eps: added to the denominator outside the square root.
-      eps_root: added inside the square root; set it to a small positive value (for example
-        1e-12) when differentiating through the optimizer, because the derivative of the square
-        root is infinite at zero.
+      eps_root: added inside the square root. Not needed to differentiate through the
+        optimizer: the square root's derivative is taken as 0 where the second moment is 0
+        (where optax's Adam gives NaN second derivatives unless ``eps_root > 0``).
       mu_dtype: dtype of the two first-moment EMAs (for example ``jnp.bfloat16`` to save memory);
         None keeps the gradient dtype.
 
@@ -177,7 +177,9 @@ def scale_by_ademamix(
         m1_hat = optax.tree.bias_correction(m1, b1_t, count)
         nu_hat = optax.tree.bias_correction(nu, b2_t, count)
         new_updates = jax.tree.map(
-            lambda g, a, b, v: ((a + alpha_t * b) / (jnp.sqrt(v + eps_root) + eps)).astype(g.dtype),
+            lambda g, a, b, v: ((a + alpha_t * b) / (_common.safe_sqrt(v + eps_root) + eps)).astype(
+                g.dtype
+            ),
             updates,
             m1_hat,
             m2,
@@ -243,7 +245,7 @@ def ademamix(
       alpha_warmup_steps: linear warm-up length of alpha (the paper sets it to the run length).
       b3_warmup_steps: half-life warm-up length of beta3 (the paper sets it to the run length).
       eps: added to the denominator outside the square root.
-      eps_root: added inside the square root (use 1e-12 or so to differentiate through it).
+      eps_root: added inside the square root (not needed for meta-gradients).
       weight_decay: decoupled weight decay :math:`\lambda`, multiplied by the learning rate.
       mask: which leaves get weight decay (a pytree of booleans or a function of params).
       mu_dtype: dtype of the first-moment EMAs.

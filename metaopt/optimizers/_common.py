@@ -102,6 +102,26 @@ def global_norm(tree: Any) -> jax.Array:
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
 
 
+@jax.custom_jvp
+def safe_sqrt(x: jax.Array) -> jax.Array:
+    """``jnp.sqrt`` whose derivatives are finite at 0, for second moments.
+
+    The second moment of an optimizer is zero only while every gradient seen so far was zero,
+    and then its derivative is zero too; the true product ``0 * inf`` is taken as 0, where
+    ``jnp.sqrt`` gives NaN. This keeps Adam-type updates differentiable twice (meta-gradients
+    through an inner loop) without an ``eps_root``. Values are exactly ``jnp.sqrt``'s.
+    """
+    return jnp.sqrt(x)
+
+
+@safe_sqrt.defjvp
+def _safe_sqrt_jvp(primals, tangents):
+    (x,), (x_dot,) = primals, tangents
+    y = safe_sqrt(x)
+    positive = x > 0
+    return y, jnp.where(positive, 0.5 * x_dot / jnp.where(positive, y, 1.0), 0.0)
+
+
 def safe_divide(tree: Any, norm: jax.Array) -> Any:
     """``tree / norm`` leaf by leaf; zeros where ``norm`` is zero (no NaN, also in gradients)."""
     positive = norm > 0

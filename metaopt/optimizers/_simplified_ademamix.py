@@ -62,7 +62,8 @@ def scale_by_simplified_ademamix(
       b2: second-moment EMA rate, in [0, 1).
       alpha: weight of the current gradient, nonnegative.
       eps: added to the denominator outside the square root.
-      eps_root: added inside the square root (use about 1e-12 to differentiate through it).
+      eps_root: added inside the square root (not needed for meta-gradients: the square
+        root's derivative is taken as 0 where the second moment is 0).
       mu_dtype: dtype of the momentum; None keeps the gradient dtype.
 
     Returns:
@@ -91,7 +92,9 @@ def scale_by_simplified_ademamix(
         nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2_t, order=2)
         nu_hat = optax.tree.bias_correction(nu, b2_t, count)
         new_updates = jax.tree.map(
-            lambda g, m, v: ((m + alpha_t * g) / (jnp.sqrt(v + eps_root) + eps)).astype(g.dtype),
+            lambda g, m, v: ((m + alpha_t * g) / (_common.safe_sqrt(v + eps_root) + eps)).astype(
+                g.dtype
+            ),
             updates,
             m,
             nu_hat,

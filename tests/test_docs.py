@@ -16,13 +16,19 @@ import metaopt
 import metaopt.tasks
 
 # Every public namespace and the names it exports.
-PUBLIC = {"metaopt": metaopt.__all__, "metaopt.tasks": metaopt.tasks.__all__}
+PUBLIC = {
+    "metaopt": metaopt.__all__,
+    "metaopt.implicit": metaopt.implicit.__all__,
+    "metaopt.bilevel": metaopt.bilevel.__all__,
+    "metaopt.tasks": metaopt.tasks.__all__,
+}
 PUBLIC_NAMES = [f"{module}.{name}" for module, names in PUBLIC.items() for name in names]
 
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
 API_PAGE = DOCS / "api.md"
 DIRECTIVE = re.compile(
-    r"^\.\. (currentmodule|autofunction|autoclass|autodata)::\s+([\w.]+)\s*$", re.MULTILINE
+    r"^\.\. (currentmodule|module|autofunction|autoclass|autodata)::\s+([\w.]+)\s*$",
+    re.MULTILINE,
 )
 
 
@@ -30,7 +36,7 @@ def _documented_names(text):
     """Fully qualified names of the autodoc directives, following ``currentmodule``."""
     module, names = None, []
     for directive, argument in DIRECTIVE.findall(text):
-        if directive == "currentmodule":
+        if directive in ("currentmodule", "module"):
             module = argument
         else:
             names.append(f"{module}.{argument}")

@@ -148,6 +148,18 @@ def test_inner_solve_stopped_early_warns_and_policies_act():
         assert np.isfinite(float(jax.grad(_outer(bilevel.Implicit()))(1.0)))
 
 
+def test_fallback_policy_redoes_an_unconverged_solve_with_the_fallback_mode():
+    fallback = bilevel.Implicit(on_failure=bilevel.Unrolled(checkpoint=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # falling back is the requested behaviour: silent
+        short = jax.jit(jax.grad(_outer(fallback, steps=5, tol=1e-8)))(1.0)
+        converged = jax.jit(jax.grad(_outer(fallback)))(1.0)
+    unrolled_short = jax.grad(_outer(bilevel.Unrolled(), steps=5, tol=1e-8))(1.0)
+    np.testing.assert_allclose(short, unrolled_short, rtol=1e-12)
+    np.testing.assert_allclose(converged, jax.grad(_outer(bilevel.Implicit()))(1.0), rtol=1e-12)
+    np.testing.assert_allclose(converged, jax.grad(exact_outer)(1.0), rtol=1e-6)
+
+
 def test_capped_adjoint_solve_is_reported():
     diff = bilevel.Implicit(CG(maxiter=1))
     with pytest.warns(ImplicitDifferentiationWarning, match="converged=False"):
@@ -271,3 +283,5 @@ def test_bad_configuration_is_rejected():
         bilevel.Unrolled(checkpoint=-2)
     with pytest.raises(ValueError, match="on_failure"):
         bilevel.Implicit(on_failure="shrug")
+    with pytest.raises(ValueError, match="fall back"):
+        bilevel.Implicit(on_failure=bilevel.Implicit())

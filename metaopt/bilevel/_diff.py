@@ -17,36 +17,6 @@ _POLICIES = ("warn", "nan", "raise", "ignore")
 
 
 @dataclasses.dataclass(frozen=True)
-class Implicit:
-    r"""Implicit differentiation: :math:`\partial_\theta x^\star = -H^{-1}\partial_\theta
-    \nabla_x f` at the solution.
-
-    Memory and time of the backward pass do not depend on the number of inner steps: one
-    linear solve with the inner Hessian :math:`H` (Hessian-vector products only). Exact once
-    the inner problem is solved; wrong by an amount proportional to the remaining inner
-    gradient if it is not. The derivative with respect to ``init`` is zero.
-
-    Attributes:
-      linear_solver: solver for the adjoint system (:class:`metaopt.implicit.CG` for a convex
-        inner problem, :class:`metaopt.implicit.MINRES` when the inner Hessian may be
-        indefinite, a fixed small number of CG steps as in iMAML).
-      on_failure: what happens when the inner solve did not reach ``tol`` or the adjoint solve
-        did not converge or met negative curvature: ``"warn"`` (default: a warning at run
-        time, the event is in the diagnostics, the derivative is returned), ``"nan"`` (the
-        hypergradient is NaN), ``"raise"`` (a runtime error) or ``"ignore"``.
-    """
-
-    linear_solver: LinearSolver = dataclasses.field(default_factory=CG)
-    on_failure: OnFailure = "warn"
-
-    def __post_init__(self):
-        if self.on_failure not in _POLICIES:
-            raise ValueError(
-                f"on_failure must be one of {_POLICIES}, got on_failure={self.on_failure!r}."
-            )
-
-
-@dataclasses.dataclass(frozen=True)
 class Unrolled:
     r"""Backpropagation through every inner step (exact for the iterate actually returned).
 
@@ -99,3 +69,45 @@ class FirstOrder:
     meta-parameters are the initialization. The cheapest mode: the backward pass costs
     nothing beyond the outer gradient.
     """
+
+
+@dataclasses.dataclass(frozen=True)
+class Implicit:
+    r"""Implicit differentiation: :math:`\partial_\theta x^\star = -H^{-1}\partial_\theta
+    \nabla_x f` at the solution.
+
+    Memory and time of the backward pass do not depend on the number of inner steps: one
+    linear solve with the inner Hessian :math:`H` (Hessian-vector products only). Exact once
+    the inner problem is solved; wrong by an amount proportional to the remaining inner
+    gradient if it is not. The derivative with respect to ``init`` is zero.
+
+    Attributes:
+      linear_solver: solver for the adjoint system (:class:`metaopt.implicit.CG` for a convex
+        inner problem, :class:`metaopt.implicit.MINRES` when the inner Hessian may be
+        indefinite, a fixed small number of CG steps as in iMAML).
+      on_failure: what happens when the inner solve did not reach ``tol`` or the adjoint solve
+        did not converge or met negative curvature: ``"warn"`` (default: a warning at run
+        time, the event is in the diagnostics, the derivative is returned), ``"nan"`` (the
+        hypergradient is NaN), ``"raise"`` (a runtime error), ``"ignore"``, or another diff
+        mode (``Unrolled(...)``, ``Truncated(k)``, ``FirstOrder()``) to fall back to when the
+        inner solve did not converge: the solve is then redone and differentiated that way,
+        only on the runs that need it (a ``lax.cond``); adjoint failures still warn. The
+        fallback's backward memory is reserved even when it is not taken, so prefer
+        ``Unrolled(checkpoint=True)`` or ``Truncated(k)`` as fallbacks.
+    """
+
+    linear_solver: LinearSolver = dataclasses.field(default_factory=CG)
+    on_failure: OnFailure | Unrolled | Truncated | FirstOrder = "warn"
+
+    def __post_init__(self):
+        fallback = isinstance(self.on_failure, Unrolled | Truncated | FirstOrder)
+        if not fallback and self.on_failure not in _POLICIES:
+            raise ValueError(
+                f"on_failure must be one of {_POLICIES} or a diff mode to fall back to "
+                f"(Unrolled(), Truncated(k), FirstOrder()), got on_failure={self.on_failure!r}."
+            )
+
+    @property
+    def adjoint_policy(self) -> OnFailure:
+        """The policy for a failed adjoint solve (a fallback mode there means ``"warn"``)."""
+        return self.on_failure if isinstance(self.on_failure, str) else "warn"

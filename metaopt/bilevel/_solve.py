@@ -112,8 +112,16 @@ def solve(
     optimizer = optax.with_extra_args_support(optimizer)
     loop = functools.partial(_run, inner_loss, optimizer, tol)
 
+    def fallback_solve(mode, init, hparams):
+        return solve(
+            inner_loss, init, *hparams, optimizer=optimizer, steps=steps, tol=tol, diff=mode
+        )
+
     if isinstance(diff, Implicit):
-        return _implicit(inner_loss, loop, steps, tol, diff, init, hparams)
+        solution = _implicit(inner_loss, loop, steps, tol, diff, init, hparams)
+        if isinstance(diff.on_failure, str):
+            return solution
+        return _with_fallback(solution, diff.on_failure, init, hparams, fallback_solve)
     if isinstance(diff, Unrolled):
         segment = diff.checkpoint
         if segment is True:
@@ -185,15 +193,26 @@ def _implicit(inner_loss, loop, steps, tol, diff, init, hparams):
     def optimality(params, *hparams):
         return jax.grad(inner_loss)(params, *hparams)
 
-    @custom_root(optimality, solve=diff.linear_solver, has_aux=True, on_failure=diff.on_failure)
+    @custom_root(optimality, solve=diff.linear_solver, has_aux=True, on_failure=diff.adjoint_policy)
     def inner_solution(init, *hparams):
         carry = loop(init, hparams, steps, mode="while")
         return carry.params, _diagnostics(carry, tol)
 
     params, diagnostics = inner_solution(init, *hparams)
-    if diff.on_failure == "ignore":
+    if not isinstance(diff.on_failure, str) or diff.on_failure == "ignore":
         return params, diagnostics
     return _guard(diff.on_failure, params, ~diagnostics.converged, diagnostics), diagnostics
+
+
+def _with_fallback(solution, mode, init, hparams, fallback_solve):
+    """Redoes an unconverged implicit solve with the fallback ``mode``, only when needed."""
+    params, diagnostics = solution
+    params = jax.lax.cond(
+        diagnostics.converged,
+        lambda: params,
+        lambda: fallback_solve(mode, init, hparams)[0],
+    )
+    return params, diagnostics
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))

@@ -160,6 +160,26 @@ def test_fallback_policy_redoes_an_unconverged_solve_with_the_fallback_mode():
     np.testing.assert_allclose(converged, jax.grad(exact_outer)(1.0), rtol=1e-6)
 
 
+@pytest.mark.parametrize("diff", [bilevel.Implicit(), bilevel.Unrolled()])
+def test_leaves_that_do_not_depend_on_the_hyperparameters(diff):
+    # Only "w" is penalized: the optimality condition's "b" leaf has a zero tangent, which
+    # reverse mode through the implicit linear solve must handle.
+    def inner(p, penalty):
+        w_part = 0.5 * jnp.sum((p["w"] - 1.0) ** 2) + 0.5 * penalty * jnp.sum(p["w"] ** 2)
+        return w_part + 0.5 * (p["b"] - 2.0) ** 2
+
+    def outer(penalty):
+        init = {"w": jnp.zeros(2), "b": jnp.zeros(())}
+        p, _ = bilevel.solve(
+            inner, init, penalty, optimizer=optax.sgd(0.1), steps=2000, tol=1e-10, diff=diff
+        )
+        return jnp.sum(p["w"]) + p["b"]
+
+    # w* = 1 / (1 + penalty) per coordinate, b* = 2.
+    np.testing.assert_allclose(jax.grad(outer)(0.5), -2 / 1.5**2, rtol=1e-8)
+    np.testing.assert_allclose(jax.jvp(outer, (0.5,), (1.0,))[1], -2 / 1.5**2, rtol=1e-8)
+
+
 def test_capped_adjoint_solve_is_reported():
     diff = bilevel.Implicit(CG(maxiter=1))
     with pytest.warns(ImplicitDifferentiationWarning, match="converged=False"):

@@ -202,6 +202,7 @@ def _implicit_solution(residual, solve_fn, linear_solver, has_aux, on_failure):
         _, rhs = jax.jvp(
             theta_part, (args, values, residual_consts), (args_dot, values_dot, consts_dot)
         )
+        rhs = _linear_in(rhs, (args_dot, values_dot, consts_dot))
 
         def matvec(u):
             return jax.jvp(lambda y: residual(y, args, values, *residual_consts), (x,), (u,))[1]
@@ -253,6 +254,22 @@ def _report(failed: Any, info: LinearSolveInfo, *, raise_error: bool) -> None:
     if raise_error:
         raise RuntimeError(message)
     warnings.warn(message, ImplicitDifferentiationWarning, stacklevel=2)
+
+
+def _linear_in(rhs: Any, tangents: Any) -> Any:
+    """Makes every leaf of ``rhs`` a (possibly zero) linear function of ``tangents``.
+
+    A leaf of the optimality condition that does not depend on the hyperparameters has a
+    constant zero tangent, and ``custom_linear_solve`` cannot be transposed (reverse mode) with
+    a right-hand side that is partly constant. Adding zero times the tangents fixes the
+    structure without changing a value.
+    """
+    leaves = [jnp.asarray(t) for t in jax.tree.leaves(tangents)]
+    leaves = [t for t in leaves if jnp.issubdtype(t.dtype, jnp.inexact)]
+    if not leaves:
+        return rhs
+    anchor = sum(jnp.sum(t) for t in leaves) * 0.0
+    return jax.tree.map(lambda r: r + anchor.astype(r.dtype), rhs)
 
 
 def _zero_tangent(tree: Any) -> Any:

@@ -1,9 +1,13 @@
-r"""metaopt's main demo: the library's optimizers side by side on a small real task.
+r"""metaopt's main demo: the library's capabilities, one section each, on small real tasks.
 
-An MLP learns scikit-learn's 8x8 handwritten digits with AdamW (optax), AdEMAMix and SAM
-(metaopt), from the same initial parameters and the same minibatch order. Each epoch is one
-jit-compiled ``lax.scan`` over minibatches. The demo prints a table (final loss on the whole
-training set, test accuracy, compile and training time) and saves the learning curves as a PNG.
+1. Optimizers side by side: an MLP learns scikit-learn's 8x8 handwritten digits with AdamW
+   (optax), AdEMAMix and SAM (metaopt), from the same initial parameters and the same minibatch
+   order. Each epoch is one jit-compiled ``lax.scan`` over minibatches. The demo prints a table
+   (final loss on the whole training set, test accuracy, compile and training time) and saves
+   the learning curves as a PNG.
+2. Hyperparameters by hypergradient: a short run of ``examples/hyperparameter_tuning.py``,
+   which tunes one ridge penalty per feature on the validation loss by differentiating through
+   ``metaopt.bilevel.solve``.
 
 Run it from the repository root (it needs the ``examples`` extra: ``pip install
 metaopt[examples]``)::
@@ -20,6 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+# A sibling script: examples/ is on the path when demo.py runs. It defines no flags on import.
+import hyperparameter_tuning
 import jax
 import jax.numpy as jnp
 import optax
@@ -50,6 +56,9 @@ _PLOT_PATH = flags.DEFINE_string(
     "Where the PNG of the learning curves is written.",
 )
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a tqdm progress bar per optimizer.")
+_TUNING_STEPS = flags.DEFINE_integer(
+    "tuning_steps", 150, "Hypergradient steps of the hyperparameter-tuning section.", lower_bound=1
+)
 
 
 class Curves(NamedTuple):
@@ -194,10 +203,39 @@ def optimizers_side_by_side() -> None:
     print(f"\nLearning curves saved to {path}")
 
 
+def hyperparameters_by_hypergradient() -> None:
+    """Per-feature ridge penalties tuned by gradient descent on the validation loss."""
+    config = hyperparameter_tuning.TuningConfig(seed=_SEED.value, outer_steps=_TUNING_STEPS.value)
+    comparison = hyperparameter_tuning.compare(config, progress=_PROGRESS.value)
+    history, results = comparison.history, comparison.results
+    shared, tuned = results["best shared"], results["per-feature"]
+    failed = sum(not record.inner_converged for record in history)
+    print(
+        f"diabetes + {config.noise_features} noise features: "
+        f"{config.noise_features + 10} log-penalties, {len(history)} Adam steps on the "
+        f"hypergradient through bilevel.solve (implicit differentiation, "
+        f"{comparison.tuning_seconds:.1f} s after {comparison.compile_seconds:.1f} s compiling)"
+    )
+    print(
+        f"validation MSE: {history[0].validation_mse:.4f} before tuning -> "
+        f"{tuned.validation_mse:.4f} after (best shared penalty: {shared.validation_mse:.4f})"
+    )
+    print(
+        f"test MSE: {tuned.test_mse:.4f} tuned per feature, {shared.test_mse:.4f} with the best "
+        f"shared penalty ({comparison.shared_penalty:.3g}), {results['no penalty'].test_mse:.4f} "
+        f"with none"
+    )
+    print(
+        f"inner solves short of their tolerance: {failed} of {len(history)}; warnings: "
+        f"{len(comparison.caught_warnings)}. The full example: examples/hyperparameter_tuning.py"
+    )
+
+
 # The demo is a list of sections, each a titled function that prints its own results. Later
-# capabilities of metaopt (hypergradients, meta-learning, learned optimizers) add a section here.
+# capabilities of metaopt (meta-learning, learned optimizers) add a section here.
 SECTIONS: list[tuple[str, Callable[[], None]]] = [
     ("Optimizers side by side", optimizers_side_by_side),
+    ("Hyperparameters by hypergradient", hyperparameters_by_hypergradient),
 ]
 
 

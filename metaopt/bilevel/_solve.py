@@ -15,6 +15,7 @@ import optax
 
 from metaopt.bilevel._diff import FirstOrder, Implicit, Truncated, Unrolled
 from metaopt.implicit import custom_root
+from metaopt.implicit._custom_root import call_host_on_failure
 from metaopt.optimizers._common import global_norm
 
 
@@ -229,8 +230,8 @@ def _guard_jvp(on_failure, primals, tangents):
     if on_failure == "nan":
         factor = jnp.where(failed, jnp.nan, 1.0)
         return params, jax.tree.map(lambda t: t * factor.astype(t.dtype), params_dot)
-    jax.debug.callback(
-        functools.partial(_report_inner, raise_error=on_failure == "raise"), failed, diagnostics
+    call_host_on_failure(
+        failed, functools.partial(_report_inner, raise_error=on_failure == "raise"), diagnostics
     )
     return params, params_dot
 

@@ -70,6 +70,14 @@ def conjugate_gradient(
         state, _ = jax.lax.scan(body, state, None, length=maxiter)
     else:
         state = jax.lax.while_loop(lambda s: active(s) & (s[4] < maxiter), step, state)
+        # Residual replacement: in low precision the recursive residual drifts below the true
+        # one; restart once from the true residual with the iterations left (costs one product
+        # when already converged).
+        x, _, _, _, k, negative = state
+        r = lsi.sub(b, matvec(x))
+        z = precondition(r)
+        restart = (x, r, z, lsi.dot(r, z), k, negative)
+        state = jax.lax.while_loop(lambda s: active(s) & (s[4] < maxiter), step, restart)
     x, _, _, _, k, negative = state
     return x, k, negative
 

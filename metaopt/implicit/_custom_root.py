@@ -230,12 +230,23 @@ def _apply_policy(solution: Any, info: LinearSolveInfo, on_failure: OnFailure) -
     if on_failure == "nan":
         return jax.tree.map(lambda s: jnp.where(failed, jnp.nan, s), solution)
     if on_failure in ("warn", "raise"):
-        jax.debug.callback(
-            functools.partial(_report, raise_error=on_failure == "raise"),
-            failed,
-            info,
+        call_host_on_failure(
+            failed, functools.partial(_report, raise_error=on_failure == "raise"), info
         )
     return solution
+
+
+def call_host_on_failure(failed: jax.Array, report: Callable[..., None], *operands: Any) -> None:
+    """Calls ``report(failed, *operands)`` on the host, only when ``failed`` is true.
+
+    The ``cond`` keeps the host round trip off the common, successful path (under ``vmap`` the
+    predicate is batched, both branches run, and ``report`` checks ``failed`` itself).
+    """
+    jax.lax.cond(
+        jnp.any(failed),
+        lambda: jax.debug.callback(report, failed, *operands),
+        lambda: None,
+    )
 
 
 def _report(failed: Any, info: LinearSolveInfo, *, raise_error: bool) -> None:

@@ -264,6 +264,21 @@ def _bytes_accessed(compiled: Any) -> float | None:
     return float(cost["bytes accessed"])
 
 
+def evaluate(variant: Variant) -> tuple[Any, ...]:
+    """One step of ``variant`` compiled without donation: its outputs, for checking what it
+    computes (accuracy, not speed). The variant's carry stays usable, so call this before
+    :func:`measure` consumes it."""
+    return tuple(jax.jit(variant.step)(*variant.carry, *variant.constants))
+
+
+def relative_error(value: Any, reference: Any) -> float:
+    """``|value - reference| / |reference|`` over all leaves of two pytrees, in float64."""
+    value_leaves = [np.asarray(v, np.float64).ravel() for v in jax.tree.leaves(value)]
+    reference_leaves = [np.asarray(r, np.float64).ravel() for r in jax.tree.leaves(reference)]
+    difference = np.concatenate(value_leaves) - np.concatenate(reference_leaves)
+    return float(np.linalg.norm(difference) / np.linalg.norm(np.concatenate(reference_leaves)))
+
+
 # Placement on devices.
 
 
@@ -418,27 +433,43 @@ def format_ratio(numerator: float | None, denominator: float | None) -> str:
 
 
 def step_time_ratio(
-    numerator: Measurement, denominator: Measurement, scale: float = 1.0
+    numerator: Measurement,
+    denominator: Measurement,
+    scale: float = 1.0,
+    *,
+    subtract: Measurement | None = None,
 ) -> tuple[float, float, float]:
     """``median(numerator) / (scale * median(denominator))`` of step times, with a 95 % interval.
 
-    The interval is a bootstrap over timing rounds, resampled in pairs (the two variants' times
+    With ``subtract``, its median is taken off both medians first: the ratio of the parts of two
+    steps that they do not share with it (for example of two backward passes, subtracting the
+    forward pass they both contain).
+
+    The interval is a bootstrap over timing rounds, resampled in pairs (the variants' times
     from the same rounds stay together, since interleaving makes them share the machine's load);
     2000 resamples with a fixed seed.
 
     Returns:
       The ratio and the 2.5th and 97.5th percentiles of its bootstrap distribution.
     """
-    a, b = np.asarray(numerator.step_seconds), np.asarray(denominator.step_seconds)
-    if a.shape != b.shape:
+    measurements = [numerator, denominator] + ([] if subtract is None else [subtract])
+    times = [np.asarray(m.step_seconds) for m in measurements]
+    if len({t.size for t in times}) != 1:
         raise ValueError(
-            f"{numerator.name} and {denominator.name} have {a.size} and {b.size} repeats; "
-            f"compare only variants measured together by one measure() call."
+            f"{', '.join(m.name for m in measurements)} have "
+            f"{', '.join(str(t.size) for t in times)} repeats; compare only variants measured "
+            f"together by one measure() call."
         )
+    a, b = times[0], times[1]
+    c = times[2] if subtract is not None else np.zeros_like(a)
     rounds = np.random.default_rng(0).integers(0, a.size, size=(2000, a.size))
-    ratios = np.median(a[rounds], axis=1) / (scale * np.median(b[rounds], axis=1))
-    low, high = np.percentile(ratios, [2.5, 97.5])
-    return float(numerator.step_time / (scale * denominator.step_time)), float(low), float(high)
+
+    def ratio(a, b, c):
+        offset = np.median(c, axis=-1)
+        return (np.median(a, axis=-1) - offset) / (scale * (np.median(b, axis=-1) - offset))
+
+    low, high = np.percentile(ratio(a[rounds], b[rounds], c[rounds]), [2.5, 97.5])
+    return float(ratio(a, b, c)), float(low), float(high)
 
 
 def format_interval(ratio: tuple[float, float, float], percent: bool = False) -> str:

@@ -3,6 +3,8 @@
 Usage, from the repository root::
 
     python -m benchmarks.run --suite=optimizers
+    python -m benchmarks.run --suite=implicit
+    python -m benchmarks.run --suite=all            # every suite, one after the other
     python -m benchmarks.run --suite=optimizers --ademamix_params=1000000 --sam_width=128
     python -m benchmarks.run --distributed --shard   # on every host of a multi-host slice
 
@@ -21,11 +23,17 @@ from pathlib import Path
 import jax
 from absl import app, flags
 
-from benchmarks import harness, optimizers
+from benchmarks import harness, implicit, optimizers
 
-SUITES: dict[str, Callable[[harness.Settings], str]] = {"optimizers": optimizers.run_suite}
+SUITES: dict[str, Callable[[harness.Settings], str]] = {
+    "optimizers": optimizers.run_suite,
+    "implicit": implicit.run_suite,
+}
+ALL = "all"
 
-_SUITE = flags.DEFINE_list("suite", ["optimizers"], f"Suites to run, from {sorted(SUITES)}.")
+_SUITE = flags.DEFINE_list(
+    "suite", ["optimizers"], f"Suites to run, from {sorted(SUITES)}, or {ALL!r} for every one."
+)
 _OUTPUT = flags.DEFINE_string(
     "output", str(harness.REPORT_PATH), "Markdown report to update (created if missing)."
 )
@@ -56,8 +64,8 @@ _SHARD = flags.DEFINE_bool(
 
 flags.register_validator(
     "suite",
-    lambda names: bool(names) and all(name in SUITES for name in names),
-    message=f"--suite takes a comma-separated list of names from {sorted(SUITES)}.",
+    lambda names: bool(names) and all(name in SUITES or name == ALL for name in names),
+    message=f"--suite takes a comma-separated list of names from {sorted(SUITES)}, or {ALL!r}.",
 )
 
 
@@ -76,7 +84,8 @@ def main(argv: Sequence[str]) -> None:
     )
     command = harness.command_line(sys.argv[1:])
     machine = harness.machine_description()
-    for suite in _SUITE.value:
+    suites = list(SUITES) if ALL in _SUITE.value else list(dict.fromkeys(_SUITE.value))
+    for suite in suites:
         body = SUITES[suite](settings)
         if jax.process_index() == 0:
             section = f"## {suite}\n\n" + harness.provenance(command, machine) + "\n" + body

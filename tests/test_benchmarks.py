@@ -10,16 +10,24 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = ["--repeats=3", "--warmup=1", "--compile_repeats=1", "--min_repeat_seconds=0.001"]
 TINY = [
     "--suite=optimizers",
     "--ademamix_params=8192",
     "--sam_width=16",
     "--sam_inputs=8",
     "--sam_batch=16",
-    "--repeats=3",
-    "--warmup=1",
-    "--compile_repeats=1",
-    "--min_repeat_seconds=0.001",
+    *SETTINGS,
+]
+TINY_IMPLICIT = [
+    "--suite=implicit",
+    "--ridge_features=16",
+    "--ridge_samples=64",
+    "--ridge_validation_samples=32",
+    "--bilevel_features=8",
+    "--bilevel_samples=32",
+    "--bilevel_steps=3,30",
+    *SETTINGS,
 ]
 SAM_ROWS = [
     "plain step: optax.sgd(momentum)",
@@ -35,9 +43,9 @@ OTHER_SECTION = (
 )
 
 
-def _run_harness(report: Path, *extra: str) -> str:
+def _run_harness(report: Path, *extra: str, arguments: list[str] = TINY) -> str:
     """Runs the harness in a fresh interpreter (absl parses flags once), warnings fatal."""
-    command = [sys.executable, "-W", "error", "-m", "benchmarks.run", *TINY, *extra]
+    command = [sys.executable, "-W", "error", "-m", "benchmarks.run", *arguments, *extra]
     command.append(f"--output={report}")
     completed = subprocess.run(
         command, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=120
@@ -102,3 +110,75 @@ def test_tiny_run_writes_report_section(tmp_path, shard):
         for column in (2, 3, 4, 6, 8):  # the ratio columns
             _number(cells[column])
     assert sam["plain step: optax.sgd(momentum)"][2] == "0.50 [0.50–0.50]"
+
+
+IMPLICIT_ROWS = [
+    "metaopt custom_root + CG",
+    'metaopt, on_failure="ignore"',
+    "jaxopt custom_root + solve_cg",
+    "closed form: autodiff of jnp.linalg.solve",
+    "forward only (Cholesky)",
+]
+DIFF_NAMES = ["Unrolled()", "Unrolled(checkpoint=True)", "Implicit(CG)"]
+
+
+def _error(cell: str) -> float:
+    value = float(cell)
+    assert math.isfinite(value) and value >= 0, cell
+    return value
+
+
+def _median(cell: str) -> float:
+    """The median of a time cell such as "0.314 (0.31–0.326)", which must be finite > 0."""
+    value = float(cell.split()[0])
+    assert math.isfinite(value) and value > 0, cell
+    return value
+
+
+def _kib(cell: str) -> float:
+    value, unit = cell.split()
+    return float(value) * {"B": 1 / 1024, "KiB": 1, "MiB": 1024, "GiB": 1024**2}[unit]
+
+
+def test_tiny_implicit_run_writes_its_own_section(tmp_path):
+    report = tmp_path / "benchmarks.md"
+    optimizers = OTHER_SECTION.replace("shampoo", "optimizers")
+    report.write_text(INTRO + optimizers)
+    text = _run_harness(report, arguments=TINY_IMPLICIT)
+
+    # The new section is appended; the introduction and the optimizers section are untouched.
+    assert text.startswith(INTRO + optimizers)
+    assert text.count("<!-- BEGIN GENERATED: implicit -->") == 1
+    assert text.rstrip().endswith("<!-- END GENERATED: implicit -->")
+    assert "python -m benchmarks.run --suite=implicit --ridge_features=16" in text
+
+    ridge = _table(text, "hypergradient")
+    assert list(ridge) == IMPLICIT_ROWS
+    for name in IMPLICIT_ROWS:
+        _median(ridge[name][0])
+        _number(ridge[name][1])  # ratio to jaxopt
+    assert ridge["jaxopt custom_root + solve_cg"][1] == "1.00 [1.00–1.00]"
+    for name in IMPLICIT_ROWS[:3]:
+        _number(ridge[name][3])  # ratio of the differentiation parts
+    # Same CG recurrence, budget and tolerance (1e-5): both implicit derivatives agree with the
+    # float64 closed form to about the tolerance times the condition number, and so does the
+    # float32 closed form.
+    for name in IMPLICIT_ROWS[:4]:
+        assert _error(ridge[name][5]) < 1e-3, (name, ridge[name][5])
+    assert _error(ridge["closed form: autodiff of jnp.linalg.solve"][4]) == 0
+
+    # One row per (k, diff), k = 3 then 30; the table is keyed by its first cell, k.
+    lines = text.splitlines()
+    rows = [line.split("|")[1:-1] for k in (3, 30) for line in lines if line.startswith(f"| {k} |")]
+    assert [cells[1].strip() for cells in rows] == DIFF_NAMES * 2
+    for cells in rows:
+        _median(cells[2])
+        _number(cells[3])  # ratio to Implicit(CG)
+        _error(cells[6])  # error against the exact hypergradient
+    memory = _table(text, "XLA temporaries")
+    assert list(memory) == DIFF_NAMES
+    unrolled, implicit = memory["Unrolled()"], memory["Implicit(CG)"]
+    # Unrolling stores every step: its temporaries grow with k; the implicit ones do not.
+    assert _kib(unrolled[1]) > _kib(unrolled[0])
+    assert _kib(implicit[1]) == _kib(implicit[0])
+    assert _number(unrolled[2]) > 1

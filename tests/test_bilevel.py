@@ -305,3 +305,45 @@ def test_bad_configuration_is_rejected():
         bilevel.Implicit(on_failure="shrug")
     with pytest.raises(ValueError, match="fall back"):
         bilevel.Implicit(on_failure=bilevel.Implicit())
+
+
+def test_value_and_hypergradient_returns_the_adjoint_solve_as_data():
+    def outer(w, penalty):
+        return outer_of(w) + 0.01 * jnp.sum(penalty**2)  # a direct term too
+
+    penalty = jnp.linspace(0.5, 2.0, 5)
+    value, (grad,), info = jax.jit(
+        lambda p: bilevel.value_and_hypergradient(
+            outer, inner_ridge, jnp.zeros(5), p, optimizer=optax.sgd(STEP), steps=3000, tol=1e-10
+        )
+    )(penalty)
+    expected = jax.grad(lambda p: exact_outer(p) + 0.01 * jnp.sum(p**2))(penalty)
+    np.testing.assert_allclose(grad, expected, rtol=1e-6)
+    np.testing.assert_allclose(value, exact_outer(penalty) + 0.01 * jnp.sum(penalty**2), rtol=1e-9)
+    assert bool(info.inner.converged) and bool(info.adjoint.converged)
+    assert float(info.adjoint.relative_residual) <= 1e-6 and int(info.adjoint.iterations) >= 1
+    # The same number as jax.grad through solve(diff=Implicit()).
+    via_grad = jax.grad(lambda p: outer(_solve_ridge(p), p))(penalty)
+    np.testing.assert_allclose(grad, via_grad, rtol=1e-9)
+
+    # A capped adjoint solve shows up in the data, with no warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, _, capped = bilevel.value_and_hypergradient(
+            outer,
+            inner_ridge,
+            jnp.zeros(5),
+            penalty,
+            optimizer=optax.sgd(STEP),
+            steps=3000,
+            tol=1e-10,
+            linear_solver=CG(maxiter=1),
+        )
+    assert not bool(capped.adjoint.converged) and int(capped.adjoint.iterations) == 1
+
+
+def _solve_ridge(penalty):
+    w, _ = bilevel.solve(
+        inner_ridge, jnp.zeros(5), penalty, optimizer=optax.sgd(STEP), steps=3000, tol=1e-10
+    )
+    return w

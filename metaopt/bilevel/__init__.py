@@ -1,14 +1,17 @@
 """Layer 3: inner solves with a choice of how to differentiate them."""
 
 from metaopt.bilevel._diff import FirstOrder, Implicit, Truncated, Unrolled
+from metaopt.bilevel._hypergradient import HypergradientDiagnostics, value_and_hypergradient
 from metaopt.bilevel._solve import InnerSolveWarning, SolveDiagnostics, solve
 
 __all__ = [
     "FirstOrder",
+    "HypergradientDiagnostics",
     "Implicit",
     "InnerSolveWarning",
     "SolveDiagnostics",
     "Truncated",
     "Unrolled",
     "solve",
+    "value_and_hypergradient",
 ]

@@ -12,18 +12,9 @@ import pytest
 import metaopt
 from metaopt import bilevel
 from metaopt.implicit import CG, MINRES, ImplicitDifferentiationWarning
+from tests.regression_data import regression_data
 
-
-def _ridge_data(n=40, d=5, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, d))
-    y = x @ rng.normal(size=d) + 0.3 * rng.normal(size=n)
-    x_val = rng.normal(size=(n, d))
-    y_val = x_val @ rng.normal(size=d)
-    return tuple(jnp.asarray(a) for a in (x, y, x_val, y_val))
-
-
-X, Y, X_VAL, Y_VAL = _ridge_data()
+X, Y, X_VAL, Y_VAL = regression_data(d=5)
 STEP = 1.0 / (float(jnp.linalg.norm(X, 2)) ** 2 + 5.0)
 
 
@@ -223,7 +214,7 @@ def test_indefinite_inner_hessian_of_a_nonconvex_mlp_is_flagged():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_vmap_over_tasks_equals_a_loop(dtype):
-    tasks = [_ridge_data(seed=s) for s in range(3)]
+    tasks = [regression_data(d=5, seed=s) for s in range(3)]
     xs = jnp.stack([t[0] for t in tasks]).astype(dtype)
     ys = jnp.stack([t[1] for t in tasks]).astype(dtype)
     tol = 1e-4 if dtype == jnp.float32 else 1e-10

@@ -18,6 +18,7 @@ from metaopt.implicit import (
     custom_fixed_point,
     custom_root,
 )
+from tests.regression_data import regression_data
 
 with warnings.catch_warnings():
     # jaxopt announces on import that it is unmaintained; it is only the reference here.
@@ -26,15 +27,6 @@ with warnings.catch_warnings():
 
 
 # ----------------------------------------------------------------------------- problems
-def _data(n=40, d=6, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, d))
-    y = x @ rng.normal(size=d) + 0.3 * rng.normal(size=n)
-    x_val = rng.normal(size=(n, d))
-    y_val = x_val @ rng.normal(size=d)
-    return tuple(jnp.asarray(a) for a in (x, y, x_val, y_val))
-
-
 def ridge_optimality(w, penalty, x, y):
     """Gradient of 0.5 |X w - y|^2 + 0.5 sum(penalty * w^2); penalty scalar or per feature."""
     return x.T @ (x @ w - y) + penalty * w
@@ -66,7 +58,7 @@ def _validation_loss(w, x_val, y_val):
 # ----------------------------------------------------------------------------- closed forms
 @pytest.mark.parametrize("per_feature", [False, True])
 def test_ridge_hypergradient_matches_closed_form(per_feature):
-    x, y, x_val, y_val = _data()
+    x, y, x_val, y_val = regression_data()
     penalty = jnp.linspace(0.5, 3.0, 6) if per_feature else jnp.asarray(1.7)
     solve = _ridge_solver()
 
@@ -142,7 +134,7 @@ def test_logistic_regression_matches_finite_differences_of_an_accurate_solve():
 
 # ----------------------------------------------------------------------------- autodiff modes
 def test_forward_mode_equals_reverse_mode():
-    x, y, _, _ = _data(seed=3)
+    x, y, _, _ = regression_data(seed=3)
     solve = _ridge_solver()
     penalty = jnp.linspace(0.5, 2.0, 6)
     forward = jax.jacfwd(solve, argnums=1)(jnp.zeros(6), penalty, x, y)
@@ -155,7 +147,7 @@ def test_forward_mode_equals_reverse_mode():
 
 
 def test_hessian_vector_products_match_finite_differences():
-    x, y, x_val, y_val = _data(seed=4)
+    x, y, x_val, y_val = regression_data(seed=4)
     solve = _ridge_solver()
 
     def outer(p):
@@ -176,7 +168,7 @@ def test_hessian_vector_products_match_finite_differences():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_vmap_over_tasks_equals_a_loop(dtype):
-    tasks = [_data(seed=s) for s in range(4)]
+    tasks = [regression_data(seed=s) for s in range(4)]
     xs = jnp.stack([t[0] for t in tasks]).astype(dtype)
     ys = jnp.stack([t[1] for t in tasks]).astype(dtype)
     tol = 1e-5 if dtype == jnp.float32 else 1e-12
@@ -211,7 +203,7 @@ def test_vmap_over_tasks_equals_a_loop(dtype):
 
 
 def test_jit_keyword_arguments_aux_and_zero_init_gradient():
-    x, y, _, _ = _data(seed=6)
+    x, y, _, _ = regression_data(seed=6)
 
     @custom_root(lambda w, x, y, *, penalty: ridge_optimality(w, penalty, x, y), has_aux=True)
     def solve(init, x, y, *, penalty):
@@ -230,7 +222,7 @@ def test_jit_keyword_arguments_aux_and_zero_init_gradient():
 
 
 def test_matches_jaxopt_custom_root():
-    x, y, x_val, y_val = _data(seed=7)
+    x, y, x_val, y_val = regression_data(seed=7)
     solver = _ridge_solver()
     reference = jaxopt.implicit_diff.custom_root(
         lambda w, p, x, y: ridge_optimality(w, p, x, y),
@@ -249,7 +241,7 @@ def test_matches_jaxopt_custom_root():
 
 
 def test_unrolled_derivative_approaches_the_implicit_one():
-    x, y, x_val, y_val = _data(seed=8)
+    x, y, x_val, y_val = regression_data(seed=8)
     penalty = jnp.asarray(1.0)
     implicit = jax.grad(
         lambda p: _validation_loss(_ridge_solver()(jnp.zeros(6), p, x, y), x_val, y_val)
@@ -282,7 +274,7 @@ def test_custom_fixed_point_square_root_and_gradient_step():
     np.testing.assert_allclose(jax.grad(square_root, argnums=1)(1.0, t), 0.5 / np.sqrt(7.0))
 
     # A gradient step of a convex objective: its fixed point is the ridge solution.
-    x, y, _, _ = _data(seed=9)
+    x, y, _, _ = regression_data(seed=9)
     step = 1.0 / (float(jnp.linalg.norm(x, 2)) ** 2 + 3.0)
 
     def gradient_step(w, p):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -15,7 +14,7 @@ import optax
 
 from metaopt.bilevel._diff import FirstOrder, Implicit, Truncated, Unrolled
 from metaopt.implicit import custom_root
-from metaopt.implicit._custom_root import call_host_on_failure
+from metaopt.implicit._custom_root import call_host_on_failure, raise_or_warn
 from metaopt.optimizers._common import global_norm
 
 
@@ -247,6 +246,4 @@ def _report_inner(failed: Any, diagnostics: SolveDiagnostics, *, raise_error: bo
         "hypergradient assumes a solution and may be wrong. Raise steps or the inner learning "
         "rate, loosen tol, or use diff=Unrolled() for a short inner loop."
     )
-    if raise_error:
-        raise RuntimeError(message)
-    warnings.warn(message, InnerSolveWarning, stacklevel=2)
+    raise_or_warn(message, InnerSolveWarning, raise_error=raise_error)

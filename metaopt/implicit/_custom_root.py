@@ -262,9 +262,14 @@ def _report(failed: Any, info: LinearSolveInfo, *, raise_error: bool) -> None:
         "may be wrong. Check that the solver converged, raise the linear solver's maxiter, add "
         "ridge, or use MINRES/GMRES for an indefinite or non-symmetric Jacobian."
     )
+    raise_or_warn(message, ImplicitDifferentiationWarning, raise_error=raise_error)
+
+
+def raise_or_warn(message: str, category: type[Warning], *, raise_error: bool) -> None:
+    """Raises RuntimeError(message) or issues the warning, as a failure policy asks."""
     if raise_error:
         raise RuntimeError(message)
-    warnings.warn(message, ImplicitDifferentiationWarning, stacklevel=2)
+    warnings.warn(message, category, stacklevel=3)
 
 
 def _linear_in(rhs: Any, tangents: Any) -> Any:

@@ -159,7 +159,12 @@ def test_tiny_implicit_run_writes_its_own_section(tmp_path):
         _number(ridge[name][1])  # ratio to jaxopt
     assert ridge["jaxopt custom_root + solve_cg"][1] == "1.00 [1.00–1.00]"
     for name in IMPLICIT_ROWS[:3]:
-        _number(ridge[name][3])  # ratio of the differentiation parts
+        # The ratio of the differentiation parts (time minus the forward-only time): at this
+        # tiny size the difference is within timing noise and may come out negative, so only
+        # its being a number is checked.
+        cell = ridge[name][3]
+        values = [float(t) for t in re.split(r"[\s\[\]–]+", cell) if t]
+        assert values and all(math.isfinite(v) for v in values), cell
     # Same CG recurrence, budget and tolerance (1e-5): both implicit derivatives agree with the
     # float64 closed form to about the tolerance times the condition number, and so does the
     # float32 closed form.

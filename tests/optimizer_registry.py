@@ -173,10 +173,12 @@ def public_transforms() -> set[str]:
     return {
         name
         for name in metaopt.__all__
-        if callable(getattr(metaopt, name))
-        and not name[0].isupper()
-        and not name.endswith(("_warmup",))
+        if callable(getattr(metaopt, name)) and not name[0].isupper() and name not in NOT_TRANSFORMS
     }
+
+
+# Public functions of layer 1 that are not transform factories.
+NOT_TRANSFORMS = {"ademamix_alpha_warmup", "ademamix_b3_warmup", "matrix_inverse_pth_root"}
 
 
 # Which registry entries exercise each public factory (a scale_by_* core is exercised through

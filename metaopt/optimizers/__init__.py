@@ -13,6 +13,7 @@ from metaopt.optimizers._gradient_regularization import (
     gradient_regularization,
     scale_by_gradient_regularization,
 )
+from metaopt.optimizers._matrix_root import MatrixRootInfo, matrix_inverse_pth_root
 from metaopt.optimizers._sam import SharpnessAwareState, sam, scale_by_sam
 from metaopt.optimizers._simplified_ademamix import (
     ScaleBySimplifiedAdEMAMixState,
@@ -21,6 +22,7 @@ from metaopt.optimizers._simplified_ademamix import (
 )
 
 __all__ = [
+    "MatrixRootInfo",
     "ScaleByAdEMAMixState",
     "ScaleBySimplifiedAdEMAMixState",
     "SharpnessAwareState",
@@ -30,6 +32,7 @@ __all__ = [
     "asam",
     "gam",
     "gradient_regularization",
+    "matrix_inverse_pth_root",
     "sam",
     "scale_by_ademamix",
     "scale_by_asam",

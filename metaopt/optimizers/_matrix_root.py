@@ -97,15 +97,19 @@ def matrix_inverse_pth_root(
     if method not in ("eigh", "newton"):
         raise ValueError(f"method must be 'eigh' or 'newton', got method={method!r}.")
 
-    single = functools.partial(
-        _eigh_root if method == "eigh" else _newton_root,
-        p=p,
-        damping=damping,
-        epsilon=epsilon,
-        retry_tol=retry_tol,
-        tol=newton_tol,
-        max_iterations=newton_max_iterations,
-    )
+    if method == "eigh":
+        single = functools.partial(
+            _eigh_root, p=p, damping=damping, epsilon=epsilon, retry_tol=retry_tol
+        )
+    else:
+        single = functools.partial(
+            _newton_root,
+            p=p,
+            damping=damping,
+            epsilon=epsilon,
+            tol=newton_tol,
+            max_iterations=newton_max_iterations,
+        )
     batch_shape, n = matrix.shape[:-2], matrix.shape[-1]
     flat = matrix.reshape((-1, n, n))
     root, info = jax.vmap(single)(flat)
@@ -134,8 +138,7 @@ def _eigh_in(matrix, p, damping, epsilon):
     return root, _error(root, damped, p)
 
 
-def _eigh_root(matrix, *, p, damping, epsilon, retry_tol, tol, max_iterations):
-    del tol, max_iterations
+def _eigh_root(matrix, *, p, damping, epsilon, retry_tol):
     root, error = _eigh_in(matrix, p, damping, epsilon)
     finite = jnp.all(jnp.isfinite(root))
     used_float64 = jnp.asarray(False)
@@ -153,8 +156,7 @@ def _eigh_root(matrix, *, p, damping, epsilon, retry_tol, tol, max_iterations):
     return root, MatrixRootInfo(error, jnp.zeros([], jnp.int32), finite, used_float64)
 
 
-def _newton_root(matrix, *, p, damping, epsilon, retry_tol, tol, max_iterations):
-    del retry_tol
+def _newton_root(matrix, *, p, damping, epsilon, tol, max_iterations):
     n = matrix.shape[-1]
     identity = jnp.eye(n, dtype=matrix.dtype)
     symmetric = 0.5 * (matrix + matrix.T)

@@ -165,6 +165,73 @@ ENTRIES = [
     ),
 ]
 
+# Shampoo with roots from step 2 and every 3 steps, so the contract's 5- to 20-step runs use
+# (and differentiate through) several roots; the key hyperparameter is the damping, which
+# exercises the root's derivative with respect to its shift.
+_SHAMPOO_STRUCTURE = {
+    "preconditioning_frequency": 3,
+    "start_preconditioning_step": 2,
+}
+_SHAMPOO_STATIC = (
+    "preconditioning_frequency",
+    "start_preconditioning_step",
+    "blocking",
+    "grafting",
+)
+
+ENTRIES += [
+    Entry(
+        name="shampoo",
+        make=lambda lr, damping: metaopt.shampoo(
+            lr, damping=damping, weight_decay=1e-4, **_SHAMPOO_STRUCTURE
+        ),
+        inject=lambda lr, damping: optax.inject_hyperparams(metaopt.shampoo)(
+            learning_rate=lr, damping=damping, weight_decay=1e-4, **_SHAMPOO_STRUCTURE
+        ),
+        key="damping",
+        key_value=1e-2,
+        adaptive=True,
+    ),
+    Entry(
+        # Blocks of 4 with padding (the contract's MLP has 16-long axes and a [16, 8] matrix),
+        # SGD grafting and Nesterov momentum.
+        name="shampoo_blocked",
+        make=lambda lr, damping: metaopt.shampoo(
+            lr,
+            damping=damping,
+            nesterov=True,
+            blocking=metaopt.Blocking(block_size=4),
+            grafting=metaopt.Grafting("rmsprop", b2=0.99),
+            **_SHAMPOO_STRUCTURE,
+        ),
+        inject=lambda lr, damping: optax.inject_hyperparams(metaopt.shampoo)(
+            learning_rate=lr,
+            damping=damping,
+            nesterov=True,
+            blocking=metaopt.Blocking(block_size=4),
+            grafting=metaopt.Grafting("rmsprop", b2=0.99),
+            **_SHAMPOO_STRUCTURE,
+        ),
+        key="damping",
+        key_value=1e-2,
+        adaptive=True,
+    ),
+    Entry(
+        # The eigenbasis is held constant under differentiation (see scale_by_soap). With a
+        # refresh every 10 steps the contract's 8-step derivative check uses only the first
+        # basis, built from the first gradient, which does not depend on the hyperparameters;
+        # the derivative is then exact and finite differences must agree.
+        name="soap",
+        make=lambda lr, b2: metaopt.soap(lr, b1=0.9, b2=b2, weight_decay=1e-4),
+        inject=lambda lr, b2: optax.inject_hyperparams(metaopt.soap)(
+            learning_rate=lr, b1=0.9, b2=b2, weight_decay=1e-4
+        ),
+        key="b2",
+        key_value=0.99,
+        adaptive=True,
+    ),
+]
+
 ENTRY_BY_NAME = {entry.name: entry for entry in ENTRIES}
 
 
@@ -178,7 +245,13 @@ def public_transforms() -> set[str]:
 
 
 # Public functions of layer 1 that are not transform factories.
-NOT_TRANSFORMS = {"ademamix_alpha_warmup", "ademamix_b3_warmup", "matrix_inverse_pth_root"}
+NOT_TRANSFORMS = {
+    "ademamix_alpha_warmup",
+    "ademamix_b3_warmup",
+    "eigenbasis",
+    "matrix_inverse_pth_root",
+    "refresh_eigenbasis",
+}
 
 
 # Which registry entries exercise each public factory (a scale_by_* core is exercised through
@@ -196,4 +269,8 @@ COVERAGE = {
     "scale_by_gam": "gam",
     "gradient_regularization": "gradient_regularization",
     "scale_by_gradient_regularization": "gradient_regularization",
+    "shampoo": "shampoo",
+    "scale_by_shampoo": "shampoo",
+    "soap": "soap",
+    "scale_by_soap": "soap",
 }

@@ -17,6 +17,7 @@ from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class MatrixRootInfo(NamedTuple):
@@ -24,8 +25,9 @@ class MatrixRootInfo(NamedTuple):
 
     Attributes:
       relative_error: :math:`\\lVert X^p \\tilde A - I\\rVert_F / \\sqrt n` for the returned
-        :math:`X` and the damped matrix :math:`\\tilde A` (0 for a zero matrix, whose root is
-        defined as 0).
+        :math:`X` and the damped matrix :math:`\\tilde A` (for ``eigh``, its positive
+        semi-definite part, whose root is computed; 0 for a zero matrix, whose root is defined
+        as 0).
       iterations: Newton iterations used (0 for the eigendecomposition).
       finite: whether every entry of the root is finite.
       used_float64: whether the float64 retry produced the result.
@@ -86,6 +88,17 @@ def matrix_inverse_pth_root(
 
     Returns:
       ``(root, info)``: the inverse roots, shaped like ``matrix``, and :class:`MatrixRootInfo`.
+
+    Derivatives (``jax.grad``, ``jax.jvp``) with respect to ``matrix``, ``damping`` and
+    ``epsilon`` are those of the exact matrix function whichever ``method`` computed the
+    value: with :math:`A = Q\operatorname{diag}(\lambda)Q^\top` and
+    :math:`f(\lambda) = (\lambda + s)^{-1/p}`, the Daleckii-Krein formula
+    :math:`\mathrm{d}f(A)[E] = Q\,(F \circ Q^\top E Q)\,Q^\top` with
+    :math:`F_{ij} = (f(\lambda_i) - f(\lambda_j))/(\lambda_i - \lambda_j)` (and
+    :math:`f'(\lambda_i)` where the eigenvalues coincide), plus the shift's own derivative. Unlike
+    differentiating through ``eigh``, this stays finite for repeated eigenvalues (padded
+    blocks, rank-deficient statistics), where the eigenvectors are not unique but the matrix
+    function is smooth.
     """
     if isinstance(p, bool) or not isinstance(p, int) or p < 1:
         raise ValueError(f"p must be a positive integer, got p={p!r}.")
@@ -98,21 +111,20 @@ def matrix_inverse_pth_root(
         raise ValueError(f"method must be 'eigh' or 'newton', got method={method!r}.")
 
     if method == "eigh":
-        single = functools.partial(
-            _eigh_root, p=p, damping=damping, epsilon=epsilon, retry_tol=retry_tol
-        )
+        single = functools.partial(_eigh_root, p=p, retry_tol=retry_tol)
     else:
         single = functools.partial(
             _newton_root,
             p=p,
-            damping=damping,
-            epsilon=epsilon,
             tol=newton_tol,
             max_iterations=newton_max_iterations,
         )
+    differentiable = _with_spectral_derivative(single, p)
     batch_shape, n = matrix.shape[:-2], matrix.shape[-1]
     flat = matrix.reshape((-1, n, n))
-    root, info = jax.vmap(single)(flat)
+    # Hyperparameters in a wider dtype (float64 under inject_hyperparams) must not widen the root.
+    damping, epsilon = (jnp.asarray(x).astype(matrix.dtype) for x in (damping, epsilon))
+    root, info = jax.vmap(differentiable, in_axes=(0, None, None))(flat, damping, epsilon)
     return root.reshape(matrix.shape), jax.tree.map(lambda x: x.reshape(batch_shape), info)
 
 
@@ -134,7 +146,10 @@ def _eigh_in(matrix, p, damping, epsilon):
     positive = damped_values > 0
     inverse_root = jnp.where(positive, jnp.where(positive, damped_values, 1.0) ** (-1.0 / p), 0.0)
     root = (vectors * inverse_root) @ vectors.T
-    damped = symmetric + shift * jnp.eye(matrix.shape[-1], dtype=matrix.dtype)
+    # The error is measured against the positive semi-definite part that was rooted: negative
+    # eigenvalues are round-off (bfloat16 statistics have them at 1e-3 of the largest), and
+    # measuring against them would reject every root of such statistics.
+    damped = (vectors * damped_values) @ vectors.T
     return root, _error(root, damped, p)
 
 
@@ -200,3 +215,120 @@ def _largest_eigenvalue(symmetric, iterations=32):
 
     v = jax.lax.fori_loop(0, iterations, body, v / jnp.linalg.norm(v))
     return jnp.maximum(v @ symmetric @ v, 0.0)
+
+
+def _with_spectral_derivative(single, p):
+    """Wraps ``single(matrix, damping, epsilon)`` with the exact matrix function's derivative."""
+
+    @jax.custom_jvp
+    def root_of(matrix, damping, epsilon):
+        return single(matrix, damping=damping, epsilon=epsilon)
+
+    @root_of.defjvp
+    def root_of_jvp(primals, tangents):
+        matrix, damping, epsilon = primals
+        matrix_dot, damping_dot, epsilon_dot = tangents
+        root, info = root_of(matrix, damping, epsilon)
+        symmetric = 0.5 * (matrix + matrix.T)
+        eigenvalues, vectors = jnp.linalg.eigh(symmetric)
+        eigenvalues = jnp.maximum(eigenvalues, 0.0)
+        rotated = vectors.T @ (0.5 * (matrix_dot + matrix_dot.T)) @ vectors
+        # eigh sorts ascending: the last eigenpair is the largest, which sets the damping.
+        largest, largest_dot = eigenvalues[-1], rotated[-1, -1]
+        shift = damping * largest + epsilon
+        shift_dot = damping_dot * largest + damping * largest_dot + epsilon_dot
+        shifted = eigenvalues + shift
+        value, slope = _inverse_power(shifted, p)
+        gap = shifted[:, None] - shifted[None, :]
+        scale = jnp.maximum(shifted[:, None], shifted[None, :])
+        # Divided differences lose digits to cancellation when eigenvalues are close; there the
+        # slope at the midpoint is accurate to O(gap^2). eps^(1/3) balances the two errors.
+        close = jnp.abs(gap) <= jnp.finfo(matrix.dtype).eps ** (1 / 3) * scale
+        midpoint_slope = _inverse_power(0.5 * (shifted[:, None] + shifted[None, :]), p)[1]
+        divided = jnp.where(
+            close, midpoint_slope, (value[:, None] - value[None, :]) / jnp.where(close, 1.0, gap)
+        )
+        inner = divided * rotated + jnp.diag(slope * shift_dot)
+        root_dot = (vectors @ inner @ vectors.T).astype(root.dtype)
+        info_dot = jax.tree.map(_zero_tangent, info)
+        return (root, info), (root_dot, info_dot)
+
+    return root_of
+
+
+def _inverse_power(x, p):
+    """``x ** (-1/p)`` and its derivative, both 0 where ``x <= 0`` (the zero-matrix convention)."""
+    positive = x > 0
+    safe = jnp.where(positive, x, 1.0)
+    value = jnp.where(positive, safe ** (-1.0 / p), 0.0)
+    slope = jnp.where(positive, -value / (p * safe), 0.0)
+    return value, slope
+
+
+def _zero_tangent(x):
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        return jnp.zeros_like(x)
+    return np.zeros(x.shape, dtype=jax.dtypes.float0)
+
+
+def eigenbasis(matrix: jax.Array) -> jax.Array:
+    """Eigenvectors of symmetric matrices ``[..., n, n]``, columns by decreasing eigenvalue.
+
+    Computed in at least float32 and returned in that dtype. This is SOAP's first basis; later
+    ones come from :func:`refresh_eigenbasis`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from metaopt.optimizers import eigenbasis
+      >>> q = eigenbasis(jnp.diag(jnp.array([1.0, 3.0, 2.0])))
+      >>> print(jnp.abs(q).astype(int))
+      [[0 0 1]
+       [1 0 0]
+       [0 1 0]]
+
+    Args:
+      matrix: symmetric matrices, shape ``[..., n, n]``.
+
+    Returns:
+      Orthogonal matrices of the same shape.
+    """
+    dtype = jnp.promote_types(matrix.dtype, jnp.float32)
+    symmetric = matrix.astype(dtype)
+    symmetric = 0.5 * (symmetric + jnp.swapaxes(symmetric, -1, -2))
+    _, vectors = jnp.linalg.eigh(symmetric)
+    return vectors[..., ::-1]
+
+
+def refresh_eigenbasis(matrix: jax.Array, basis: jax.Array) -> tuple[jax.Array, jax.Array]:
+    r"""One power-iteration step towards the eigenbasis of ``matrix``, starting from ``basis``.
+
+    The columns of :math:`Q` are first sorted by the estimated eigenvalues
+    :math:`\mathrm{diag}(Q^\top A Q)`, largest first, then :math:`Q \leftarrow \mathrm{QR}(AQ)`.
+    When :math:`A` changes slowly (an exponential moving average, as in SOAP) one step per
+    refresh tracks its eigenvectors at the cost of a matrix product and a QR factorization,
+    instead of a full eigendecomposition.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from metaopt.optimizers import refresh_eigenbasis
+      >>> a = jnp.diag(jnp.array([1.0, 4.0]))
+      >>> q, order = refresh_eigenbasis(a, jnp.eye(2))
+      >>> print(order, jnp.abs(q).astype(int).tolist())
+      [1 0] [[0, 1], [1, 0]]
+
+    Args:
+      matrix: symmetric matrices ``[..., n, n]``.
+      basis: current orthogonal bases, same shape.
+
+    Returns:
+      ``(basis, order)``: the refreshed bases and, per matrix, the permutation applied to the old
+      columns (``order[j]`` is the old column now in position ``j``), so that quantities stored
+      in the old coordinates can be permuted to match.
+    """
+    dtype = jnp.promote_types(matrix.dtype, jnp.float32)
+    matrix, basis = matrix.astype(dtype), basis.astype(dtype)
+    estimates = jnp.einsum("...ij,...ik,...kj->...j", basis, matrix, basis)
+    order = jnp.argsort(-estimates, axis=-1, stable=True)
+    basis = jnp.take_along_axis(basis, order[..., None, :], axis=-1)
+    q, _ = jnp.linalg.qr(matrix @ basis)
+    return q, order

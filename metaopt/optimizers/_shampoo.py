@@ -442,10 +442,21 @@ def shampoo(
       b2: statistics rate.
       weight_decay: decoupled weight decay :math:`\lambda`, multiplied by the learning rate.
       mask: which leaves get weight decay (a pytree of booleans or a function of params).
-      nesterov, damping, epsilon, exponent_override, blocking, grafting, statistics_frequency,
-        preconditioning_frequency, start_preconditioning_step, root_method,
-        root_error_threshold, statistics_dtype, preconditioner_dtype: see
-        :func:`scale_by_shampoo`.
+      nesterov: Nesterov form of the first moment.
+      damping: damping relative to the statistics' largest eigenvalue.
+      epsilon: absolute damping.
+      exponent_override: the root p (int, or a sequence by number of preconditioned axes).
+      blocking: a :class:`Blocking`, or None for ``Blocking()``.
+      grafting: a :class:`Grafting`, or None for ``Grafting("adam")``.
+      statistics_frequency: steps between statistics updates.
+      preconditioning_frequency: steps between root computations.
+      start_preconditioning_step: first step with Shampoo's direction.
+      root_method: ``"eigh"`` or ``"newton"``.
+      root_error_threshold: largest accepted relative error of a root.
+      statistics_dtype: dtype of the statistics.
+      preconditioner_dtype: dtype of the roots.
+
+    Every argument is described in full in :func:`scale_by_shampoo`.
 
     Returns:
       An ``optax.GradientTransformation``.

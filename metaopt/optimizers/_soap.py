@@ -242,8 +242,12 @@ def soap(
 
     Args:
       learning_rate: step size :math:`\eta`, a float, traced array or schedule.
-      b1, b2, shampoo_b2, eps, preconditioning_frequency, blocking: see
-        :func:`scale_by_soap`.
+      b1: first-moment rate.
+      b2: second-moment rate.
+      shampoo_b2: statistics rate (None: ``b2``).
+      eps: added to the square root of the second moment.
+      preconditioning_frequency: steps between eigenbasis refreshes.
+      blocking: a :class:`Blocking`, or None for ``Blocking(precondition_vectors=False)``.
       weight_decay: decoupled weight decay :math:`\lambda`, multiplied by the learning rate.
       mask: which leaves get weight decay (a pytree of booleans or a function of params).
 

@@ -1,10 +1,10 @@
 r"""metaopt's main demo: the library's capabilities, one section each, on small real tasks.
 
 1. Optimizers side by side: an MLP learns scikit-learn's 8x8 handwritten digits with AdamW
-   (optax), AdEMAMix and SAM (metaopt), from the same initial parameters and the same minibatch
-   order. Each epoch is one jit-compiled ``lax.scan`` over minibatches. The demo prints a table
-   (final loss on the whole training set, test accuracy, compile and training time) and saves
-   the learning curves as a PNG.
+   (optax), AdEMAMix, SAM, Shampoo and SOAP (metaopt), from the same initial parameters and the
+   same minibatch order. Each epoch is one jit-compiled ``lax.scan`` over minibatches. The demo
+   prints a table (final loss on the whole training set, test accuracy, compile and training
+   time) and saves the learning curves as a PNG.
 2. Hyperparameters by hypergradient: a short run of ``examples/hyperparameter_tuning.py``,
    which tunes one ridge penalty per feature on the validation loss by differentiating through
    ``metaopt.bilevel.solve``.
@@ -90,6 +90,11 @@ def make_optimizers(total_steps: int) -> dict[str, optax.GradientTransformationE
             weight_decay=weight_decay,
         ),
         "SAM (AdamW)": metaopt.sam(optax.adamw(learning_rate, weight_decay=weight_decay), rho=0.05),
+        # Adam grafting: AdamW's learning rate carries over. Roots every 10 steps.
+        "Shampoo": metaopt.shampoo(
+            learning_rate, weight_decay=weight_decay, preconditioning_frequency=10
+        ),
+        "SOAP": metaopt.soap(learning_rate, b1=0.9, b2=0.999, weight_decay=weight_decay),
     }
     # Plain optax transforms ignore the grad_fn= that SAM needs, so one training step serves all.
     return {name: optax.with_extra_args_support(opt) for name, opt in optimizers.items()}
@@ -172,7 +177,7 @@ def save_plot(results: dict[str, Curves], path: Path) -> None:
 
 
 def optimizers_side_by_side() -> None:
-    """AdamW, AdEMAMix and SAM train the same MLP on digits; table and learning curves."""
+    """AdamW, AdEMAMix, SAM, Shampoo and SOAP train the same MLP on digits; table and curves."""
     key_init, key_shuffle = jax.random.split(jax.random.key(_SEED.value))
     data = ClassificationData(*map(jnp.asarray, load_digits(seed=_SEED.value)))
     num_features, num_classes = data.x_train.shape[1], 10

@@ -433,8 +433,8 @@ def shampoo(
       >>> for _ in range(200):
       ...     updates, state = step(w, state)
       ...     w = optax.apply_updates(w, updates)
-      >>> print(f"{loss(w):.1e}", int(state[0].root_failures))
-      4.1e-08 0
+      >>> print(bool(loss(w) < 1e-6), int(state[0].root_failures))
+      True 0
 
     Args:
       learning_rate: step size :math:`\eta`, a float, traced array or schedule.

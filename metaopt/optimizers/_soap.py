@@ -237,8 +237,8 @@ def soap(
       >>> for _ in range(300):
       ...     updates, state = step(w, state)
       ...     w = optax.apply_updates(w, updates)
-      >>> print(f"{loss(w):.0e}")
-      7e-06
+      >>> print(bool(loss(w) < 1e-4))
+      True
 
     Args:
       learning_rate: step size :math:`\eta`, a float, traced array or schedule.

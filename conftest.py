@@ -6,8 +6,12 @@ set here, at the root, where pytest loads it first.
 
 import os
 
+# The second flag avoids a deadlock of jaxlib 0.10's XLA:CPU in programs with several
+# eigendecompositions (Shampoo, SOAP); see metaopt.optimizers._common.CPU_SCHEDULER_FLAG.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8"
+    + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

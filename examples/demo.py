@@ -19,6 +19,14 @@ metaopt[examples]``)::
 
 from __future__ import annotations
 
+import os
+
+# jaxlib 0.10's XLA:CPU can deadlock on Shampoo's and SOAP's root steps unless this scheduler
+# is off (see the Shampoo guide, "Known problem on CPU"). It must be set before JAX starts.
+_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+if _FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+
 import time
 from collections.abc import Callable
 from pathlib import Path

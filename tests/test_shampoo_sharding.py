@@ -137,3 +137,13 @@ def test_inject_hyperparams_needs_no_static_args():
         w = w + updates
     assert int(state.inner_state[0].count) == 4
     assert bool(jnp.all(jnp.isfinite(w)))
+
+
+@pytest.mark.parametrize("factory", [metaopt.scale_by_shampoo, metaopt.scale_by_soap])
+def test_cpu_backend_without_the_scheduler_flag_warns(factory, monkeypatch):
+    assert jax.default_backend() == "cpu"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    with pytest.warns(RuntimeWarning, match="xla_cpu_enable_concurrency_optimized_scheduler"):
+        factory()
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false")
+    factory()  # no warning: warnings are errors in this suite

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numbers
+import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -166,3 +168,25 @@ def require_grad_fn(algorithm: str, grad_fn: Any, params: Any) -> None:
 def increment(count: jax.Array) -> jax.Array:
     """Adds one to an int32 step counter without overflowing."""
     return optax.safe_int32_increment(count)
+
+
+# jaxlib 0.10 on CPU can deadlock (every thread asleep, the program never finishes) when two
+# eigendecompositions feed matrix products in one compiled program, as Shampoo's and SOAP's
+# root steps do; XLA's concurrency-optimized scheduler is the trigger, and this flag avoids it.
+CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def warn_if_cpu_may_deadlock(algorithm: str) -> None:
+    """Warns when running on XLA:CPU without :data:`CPU_SCHEDULER_FLAG` in ``XLA_FLAGS``."""
+    if CPU_SCHEDULER_FLAG.split("=")[0] in os.environ.get("XLA_FLAGS", ""):
+        return
+    if jax.default_backend() != "cpu":
+        return
+    warnings.warn(
+        f"{algorithm} on the CPU backend: jaxlib's XLA:CPU can deadlock on programs that run "
+        f"several eigendecompositions followed by matrix products (seen with jaxlib 0.10 in 1 of "
+        f"2 to 4 runs). Set XLA_FLAGS={CPU_SCHEDULER_FLAG} in the environment before JAX starts "
+        f"(see the Shampoo guide, 'Known problem on CPU').",
+        RuntimeWarning,
+        stacklevel=3,
+    )

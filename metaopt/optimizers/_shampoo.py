@@ -194,6 +194,7 @@ def scale_by_shampoo(
     grafting = Grafting() if grafting is None else grafting
     if not isinstance(blocking, Blocking):
         raise TypeError(f"blocking must be a metaopt.Blocking, got blocking={blocking!r}.")
+    _common.warn_if_cpu_may_deadlock("scale_by_shampoo")
     if not isinstance(grafting, Grafting):
         raise TypeError(
             f"grafting must be a metaopt.Grafting, got grafting={grafting!r}; for example "

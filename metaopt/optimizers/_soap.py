@@ -100,6 +100,7 @@ def scale_by_soap(
             _common.check_range(name, value, 0.0, 1.0, fix="EMA rates must be in [0, 1).")
     _common.check_nonnegative("eps", eps)
     check_whole("preconditioning_frequency", preconditioning_frequency)
+    _common.warn_if_cpu_may_deadlock("scale_by_soap")
     blocking = Blocking(precondition_vectors=False) if blocking is None else blocking
     if not isinstance(blocking, Blocking):
         raise TypeError(f"blocking must be a metaopt.Blocking, got blocking={blocking!r}.")

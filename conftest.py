@@ -6,16 +6,18 @@ set here, at the root, where pytest loads it first.
 
 import os
 
-# The second flag avoids a deadlock of jaxlib 0.10's XLA:CPU in programs with several
-# eigendecompositions (Shampoo, SOAP); see metaopt.optimizers._common.CPU_SCHEDULER_FLAG.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "")
-    + " --xla_force_host_platform_device_count=8"
-    + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
+
+import metaopt
+
+# Shampoo and SOAP on XLA:CPU: no deadlock-prone scheduler, one OpenBLAS thread (see the
+# function's docstring). JAX has not started its backend yet, so the settings take effect.
+metaopt.prepare_cpu_environment()
 
 # Float64 is available for reference comparisons; tests that check float32/bfloat16 behaviour
 # create their arrays with explicit dtypes.

@@ -19,14 +19,6 @@ metaopt[examples]``)::
 
 from __future__ import annotations
 
-import os
-
-# jaxlib 0.10's XLA:CPU can deadlock on Shampoo's and SOAP's root steps unless this scheduler
-# is off (see the Shampoo guide, "Known problem on CPU"). It must be set before JAX starts.
-_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
-if _FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
-
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +36,9 @@ from tqdm import tqdm
 
 import metaopt
 from metaopt.tasks import ClassificationData, accuracy, cross_entropy_loss, init_mlp, load_digits
+
+# Shampoo and SOAP on the CPU backend: see the function's docstring. Before any computation.
+metaopt.prepare_cpu_environment()
 
 _EPOCHS = flags.DEFINE_integer(
     "epochs", 60, "Passes over the training set per optimizer.", lower_bound=1

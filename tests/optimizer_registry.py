@@ -250,6 +250,7 @@ NOT_TRANSFORMS = {
     "ademamix_b3_warmup",
     "eigenbasis",
     "matrix_inverse_pth_root",
+    "prepare_cpu_environment",
     "refresh_eigenbasis",
 }
 

@@ -6,6 +6,7 @@ update moves no parameter or statistic between devices (no all-gather, no all-to
 device computes the roots of its own blocks only, and the numbers equal the unsharded run.
 """
 
+import os
 import re
 
 import jax
@@ -140,10 +141,13 @@ def test_inject_hyperparams_needs_no_static_args():
 
 
 @pytest.mark.parametrize("factory", [metaopt.scale_by_shampoo, metaopt.scale_by_soap])
-def test_cpu_backend_without_the_scheduler_flag_warns(factory, monkeypatch):
+def test_cpu_backend_without_the_environment_warns(factory, monkeypatch):
     assert jax.default_backend() == "cpu"
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-    with pytest.warns(RuntimeWarning, match="xla_cpu_enable_concurrency_optimized_scheduler"):
+    with pytest.warns(RuntimeWarning, match="prepare_cpu_environment"):
         factory()
-    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false")
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    metaopt.prepare_cpu_environment()
+    assert "--xla_cpu_enable_concurrency_optimized_scheduler=false" in os.environ["XLA_FLAGS"]
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "1"
     factory()  # no warning: warnings are errors in this suite

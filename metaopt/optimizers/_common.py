@@ -170,23 +170,48 @@ def increment(count: jax.Array) -> jax.Array:
     return optax.safe_int32_increment(count)
 
 
-# jaxlib 0.10 on CPU can deadlock (every thread asleep, the program never finishes) when two
-# eigendecompositions feed matrix products in one compiled program, as Shampoo's and SOAP's
-# root steps do; XLA's concurrency-optimized scheduler is the trigger, and this flag avoids it.
+# Two problems of XLA:CPU (jaxlib 0.10) on programs with eigendecompositions, as Shampoo's and
+# SOAP's root steps are. (1) XLA's concurrency-optimized scheduler can deadlock them (every thread
+# asleep); this flag turns it off. (2) LAPACK runs on OpenBLAS, whose threads spin while waiting
+# and, on a busy machine, made steps 40 to 200 times slower; one OpenBLAS thread avoids it.
 CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
+def prepare_cpu_environment() -> None:
+    """Sets the environment that Shampoo and SOAP need on the CPU backend (jaxlib 0.10).
+
+    Appends ``--xla_cpu_enable_concurrency_optimized_scheduler=false`` to ``XLA_FLAGS`` (XLA's
+    concurrency-optimized scheduler can deadlock programs with several eigendecompositions)
+    and sets ``OPENBLAS_NUM_THREADS=1`` unless it is set (OpenBLAS's spinning threads made root
+    steps 40 to 200 times slower on a busy machine). Call it after importing metaopt and before
+    the first JAX computation; it changes nothing that is already set, and has no effect once
+    the CPU backend has started. On GPU and TPU it is harmless and unnecessary.
+
+    Example:
+      >>> import metaopt
+      >>> metaopt.prepare_cpu_environment()  # first thing in a script that trains on CPU
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if CPU_SCHEDULER_FLAG.split("=")[0] not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {CPU_SCHEDULER_FLAG}".strip()
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
 def warn_if_cpu_may_deadlock(algorithm: str) -> None:
-    """Warns when running on XLA:CPU without :data:`CPU_SCHEDULER_FLAG` in ``XLA_FLAGS``."""
-    if CPU_SCHEDULER_FLAG.split("=")[0] in os.environ.get("XLA_FLAGS", ""):
+    """Warns when running on XLA:CPU without :func:`prepare_cpu_environment`'s settings."""
+    if (
+        CPU_SCHEDULER_FLAG.split("=")[0] in os.environ.get("XLA_FLAGS", "")
+        and "OPENBLAS_NUM_THREADS" in os.environ
+    ):
         return
     if jax.default_backend() != "cpu":
         return
     warnings.warn(
         f"{algorithm} on the CPU backend: jaxlib's XLA:CPU can deadlock on programs that run "
-        f"several eigendecompositions followed by matrix products (seen with jaxlib 0.10 in 1 of "
-        f"2 to 4 runs). Set XLA_FLAGS={CPU_SCHEDULER_FLAG} in the environment before JAX starts "
-        f"(see the Shampoo guide, 'Known problem on CPU').",
+        f"several eigendecompositions followed by matrix products, and OpenBLAS's threads can "
+        f"slow them 40 to 200 times on a busy machine. Call metaopt.prepare_cpu_environment() "
+        f"before the first JAX computation, or set XLA_FLAGS={CPU_SCHEDULER_FLAG} and "
+        f"OPENBLAS_NUM_THREADS=1 (see the Shampoo guide, 'Known problems on CPU').",
         RuntimeWarning,
         stacklevel=3,
     )

@@ -187,3 +187,85 @@ def test_tiny_implicit_run_writes_its_own_section(tmp_path):
     assert _kib(unrolled[1]) > _kib(unrolled[0])
     assert _kib(implicit[1]) == _kib(implicit[0])
     assert _number(unrolled[2]) > 1
+
+
+TINY_SHAMPOO = [
+    "--suite=shampoo",
+    "--shampoo_speed_models=transformer",
+    "--shampoo_block_sizes=16",
+    "--shampoo_d_model=16",
+    "--shampoo_heads=2",
+    "--shampoo_seq_len=8",
+    "--shampoo_vocab=16",
+    "--shampoo_batch=2",
+    "--shampoo_root_every=4",
+    "--shampoo_learning_rates=1e-2",
+    "--shampoo_digits_hidden=8",
+    "--shampoo_digits_steps=10",
+    "--shampoo_markov_vocab=8",
+    "--shampoo_markov_seq_len=8",
+    "--shampoo_markov_d_model=8",
+    "--shampoo_markov_heads=2",
+    "--shampoo_markov_batch=4",
+    "--shampoo_markov_steps=10",
+    "--shampoo_markov_eval_every=5",
+    *SETTINGS,
+]
+SHAMPOO_STEPS = [
+    "gradient + SGD apply (no optimizer state)",
+    "optax.adam",
+    "optax.adamw",
+    "metaopt.shampoo, block 16",
+    "metaopt.soap, block 16",
+]
+QUALITY_METHODS = [
+    "optax.adam",
+    "optax.adamw",
+    "metaopt.shampoo (Adam grafting, roots every 10)",
+    "metaopt.soap (bases refreshed every 10)",
+]
+PLOTS = ["shampoo_digits_autoencoder.png", "shampoo_markov_transformer.png"]
+
+
+def test_tiny_shampoo_run_writes_its_section_and_plots(tmp_path):
+    report = tmp_path / "benchmarks.md"
+    report.write_text(INTRO + OTHER_SECTION.replace("shampoo", "implicit"))
+    plots = tmp_path / "plots"
+    text = _run_harness(report, f"--shampoo_plot_dir={plots}", arguments=TINY_SHAMPOO)
+
+    assert text.startswith(INTRO + OTHER_SECTION.replace("shampoo", "implicit"))
+    assert text.count("<!-- BEGIN GENERATED: shampoo -->") == 1
+    assert text.rstrip().endswith("<!-- END GENERATED: shampoo -->")
+    assert "python -m benchmarks.run --suite=shampoo --shampoo_speed_models=transformer" in text
+
+    steps = _table(text, "step")
+    assert list(steps) == SHAMPOO_STEPS
+    for name, cells in steps.items():
+        _median(cells[0])
+        _number(cells[1])  # step time ÷ Adam's
+        _number(cells[6])  # compile time ÷ Adam's
+        if name != SHAMPOO_STEPS[0]:
+            _number(cells[4])  # the update alone ÷ Adam's
+    assert steps["optax.adam"][1] == "1.00 [1.00–1.00]"
+    assert steps["metaopt.shampoo, block 16"][2].split(":")[1].strip() in (
+        "met",
+        "**missed**",
+        "**missed** (within noise)",
+    )
+    loops = _table(text, "loop of 4 steps")
+    assert list(loops) == ["optax.adam", "metaopt.shampoo, block 16"]
+    for cells in loops.values():
+        _number(cells[1])  # per step, ms
+        _number(cells[2])  # ÷ Adam's loop
+
+    # One best-rate table and one grid per problem, each with every method; plots beside them.
+    digits, markov = text.split("#### ")[1:3]
+    for part, plot in zip((digits, markov), PLOTS, strict=True):
+        best = _table(part, "method")
+        assert list(best) == QUALITY_METHODS
+        for cells in best.values():
+            assert float(cells[0]) == 1e-2  # the only learning rate of the grid
+            assert math.isfinite(float(cells[3]))  # final loss
+        assert list(_table(part, "steps to target (final loss)")) == QUALITY_METHODS
+        assert f"](_static/{plot})" in part
+        assert (plots / plot).read_bytes().startswith(b"\x89PNG")

@@ -18,6 +18,8 @@ import string
 import jax
 import jax.numpy as jnp
 
+from metaopt.optimizers._common import safe_sqrt
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -133,10 +135,11 @@ class BlockPlan:
         return blocks
 
     def block_norms(self, blocks: jax.Array) -> jax.Array:
-        """Frobenius norm of each block, ``[*counts]``."""
+        """Frobenius norm of each block, ``[*counts]``, with a zero (not NaN) derivative at a
+        zero block."""
         k = len(self.merged)
         axes = tuple(range(k, 2 * k))
-        return jnp.sqrt(jnp.sum(jnp.square(blocks), axis=axes))
+        return safe_sqrt(jnp.sum(jnp.square(blocks), axis=axes))
 
     def matrix_shapes(self) -> tuple[tuple[int, ...], ...]:
         """Shapes of the per-axis statistics: ``[*counts, b_i, b_i]``."""

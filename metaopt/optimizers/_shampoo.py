@@ -382,8 +382,8 @@ def scale_by_shampoo(
         if grafting.kind == "none":
             return plan.from_blocks(blocks)
         graft_blocks = plan.to_blocks(graft_step)
-        shampoo_norm = _block_norms(plan, blocks)
-        graft_norm = _block_norms(plan, graft_blocks)
+        shampoo_norm = plan.block_norms(blocks)
+        graft_norm = plan.block_norms(graft_blocks)
         positive = shampoo_norm > 0
         scale = graft_norm / jnp.where(positive, shampoo_norm, 1.0)
         k = len(plan.merged)
@@ -485,12 +485,6 @@ def shampoo(
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
     )
-
-
-def _block_norms(plan: BlockPlan, blocks: jax.Array) -> jax.Array:
-    """Frobenius norms of the blocks, with a zero (not NaN) derivative at a zero block."""
-    k = len(plan.merged)
-    return _common.safe_sqrt(jnp.sum(jnp.square(blocks), axis=tuple(range(k, 2 * k))))
 
 
 def check_whole(name: str, value: Any) -> None:

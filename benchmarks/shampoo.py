@@ -42,7 +42,6 @@ import metaopt
 from benchmarks import harness
 from benchmarks.optimizers import mlp_loss, mlp_parameters
 
-_AUTO = "auto"
 _BLOCK_SIZES = flags.DEFINE_list(
     "shampoo_block_sizes", ["128", "512"], "Block sizes of the Shampoo and SOAP speed variants."
 )
@@ -76,16 +75,12 @@ _REFRESH_EVERY = flags.DEFINE_integer(
 )
 _ROOT_METHOD = flags.DEFINE_enum(
     "shampoo_root_method",
-    _AUTO,
-    [_AUTO, "eigh", "newton"],
-    "Shampoo's root_method in the amortized loop; auto is newton on CPU (see the report) and "
-    "the library default, eigh, elsewhere.",
+    "eigh",
+    ["eigh", "newton"],
+    "Shampoo's root_method in the amortized loop (the library default is eigh).",
 )
-_SOAP_AMORTIZED = flags.DEFINE_enum(
-    "soap_amortized",
-    _AUTO,
-    [_AUTO, "on", "off"],
-    "Whether to time SOAP's amortized loop; auto is off on CPU (see the report), on elsewhere.",
+_SOAP_AMORTIZED = flags.DEFINE_bool(
+    "soap_amortized", True, "Whether to time SOAP's amortized loop."
 )
 _MAX_REPEATS = flags.DEFINE_integer(
     "shampoo_max_repeats", 20, "Caps --repeats for this suite's single steps.", lower_bound=1
@@ -205,7 +200,7 @@ def run_suite(settings: harness.Settings) -> str:
             rng, _VOCAB.value, _MODEL_WIDTH.value, _HEADS.value, _SEQUENCE.value, _BATCH.value
         ),
     }
-    sections = [_cpu_note()] if jax.default_backend() == "cpu" else []
+    sections = []
     for name in dict.fromkeys(_SPEED_MODELS.value):
         sections.append(benchmark_speed(problems[name](), block_sizes, single))
     learning_rates = [float(v) for v in _LEARNING_RATES.value]
@@ -400,12 +395,6 @@ def _loop(step, steps: int):
     return loop
 
 
-def _backend_choice(flag_value: str, on_cpu: str, elsewhere: str) -> str:
-    if flag_value != _AUTO:
-        return flag_value
-    return on_cpu if jax.default_backend() == "cpu" else elsewhere
-
-
 def benchmark_speed(
     problem: Problem, block_sizes: Sequence[int], settings: harness.Settings
 ) -> str:
@@ -461,8 +450,8 @@ def _benchmark_amortized(problem, block_sizes, batch, settings):
     """Loops of ``root_every`` steps holding one root step (and SOAP's refreshes), per step."""
     mesh = settings.mesh
     every, refresh = _ROOT_EVERY.value, _REFRESH_EVERY.value
-    root_method = _backend_choice(_ROOT_METHOD.value, "newton", "eigh")
-    soap_on = _backend_choice(_SOAP_AMORTIZED.value, "off", "on") == "on"
+    root_method = _ROOT_METHOD.value
+    soap_on = _SOAP_AMORTIZED.value
     lr = _SPEED_LEARNING_RATE
     loops = [(_ADAM, optax.adam(lr))]
     for b in block_sizes:
@@ -483,19 +472,6 @@ def _benchmark_amortized(problem, block_sizes, batch, settings):
         settings, repeats=min(settings.repeats, _AMORTIZED_REPEATS.value), compile_repeats=1
     )
     return harness.measure(variants, loop_settings), root_method, soap_on
-
-
-def _cpu_note() -> str:
-    return (
-        'On CPU, the amortized loops compute Shampoo\'s roots with `root_method="newton"` and '
-        "SOAP's loop is not timed, unless flags ask otherwise: with jaxlib 0.10.2 on a 2-core "
-        "machine, batched LAPACK calls (`eigh` for Shampoo's roots and SOAP's first bases, `qr` "
-        "for SOAP's refreshes) inside `lax.cond` deadlock, even under "
-        "`metaopt.prepare_cpu_environment()`: gdb shows both threads of XLA's intra-op pool in "
-        "jaxlib's batched LAPACK loop, each waiting for work it queued on that pool. The ordinary "
-        "steps below compute no root or refresh, so they are unaffected; the quality runs "
-        "precondition every matrix as one block (unbatched calls) and use `eigh`.\n"
-    )
 
 
 def _speed_report(problem, num_params, steps, updates, amortized, settings) -> str:
@@ -581,7 +557,7 @@ def _speed_report(problem, num_params, steps, updates, amortized, settings) -> s
     )
     notes = [f' Roots by `root_method="{root_method}"`.']
     if not soap_on:
-        notes.append(" SOAP's loop is not timed (`--soap_amortized=on` times it).")
+        notes.append(" SOAP's loop is not timed (`--soap_amortized` times it).")
     summary = "; ".join(
         f"{name}: step {harness.format_interval(ratio)} "
         f"({harness.verdict(ratio, _STEP_TARGET, at_most=True)}), compile {compile_ratio:.2f} "

@@ -1,5 +1,10 @@
 """Inverse p-th roots against NumPy eigh for every p from 1 to 8, and on hard inputs."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -206,3 +211,87 @@ def test_refresh_eigenbasis_converges_and_reports_its_permutation():
     # Same columns up to sign: |Q^T Q_exact| is the identity.
     np.testing.assert_allclose(np.abs(np.asarray(basis).T @ exact), np.eye(6), atol=1e-8)
     assert refreshed.shape == basis.shape
+
+
+@pytest.mark.parametrize("method", ["eigh", "newton"])
+def test_sequential_equals_vectorized_in_value_and_derivative(method):
+    blocks = jnp.asarray(np.stack([_spd(10, seed=s, condition=30.0) for s in range(6)]))
+    blocks = blocks.reshape(2, 3, 10, 10)
+
+    def total(m, damping, sequential):
+        root, _ = matrix_inverse_pth_root(
+            m, 4, damping=damping, method=method, newton_tol=1e-12, sequential=sequential
+        )
+        return jnp.sum(jnp.sin(root))
+
+    for argnums in (0, 1):
+        grads = [
+            jax.jit(jax.grad(total, argnums), static_argnums=2)(blocks, 1e-3, sequential)
+            for sequential in (False, True)
+        ]
+        np.testing.assert_allclose(grads[1], grads[0], rtol=1e-10, atol=1e-14)
+    roots = [
+        matrix_inverse_pth_root(blocks, 4, method=method, sequential=sequential)[0]
+        for sequential in (False, True)
+    ]
+    np.testing.assert_allclose(roots[1], roots[0], rtol=1e-10, atol=1e-14)
+
+
+def test_sequential_eigenbases_equal_vectorized():
+    blocks = jnp.asarray(np.stack([_spd(7, seed=s, condition=10.0) for s in range(4)]))
+    basis = jnp.asarray(
+        np.stack([np.linalg.qr(_spd(7, seed=9 + s, condition=2.0))[0] for s in range(4)])
+    )
+    for sequential in (False, True):
+        got = eigenbasis(blocks, sequential=sequential)
+        np.testing.assert_allclose(
+            jnp.abs(got), jnp.abs(eigenbasis(blocks, sequential=False)), rtol=1e-10, atol=1e-12
+        )
+    vectorized = refresh_eigenbasis(blocks, basis, sequential=False)
+    sequential = refresh_eigenbasis(blocks, basis, sequential=True)
+    np.testing.assert_array_equal(sequential[1], vectorized[1])
+    np.testing.assert_allclose(sequential[0], vectorized[0], rtol=1e-10, atol=1e-12)
+
+
+def test_error_estimate_matches_the_exact_norm():
+    # The estimate on 8 sign vectors against the exact RMS norm of X^p A - I, for roots that are
+    # wrong by known amounts: Newton stopped after k iterations (no damping, so the damped matrix
+    # is A itself).
+    matrix = jnp.asarray(_spd(64, seed=3, condition=1e3))
+    for iterations in (2, 4, 6, 8):
+        root, info = matrix_inverse_pth_root(
+            matrix, 4, damping=0.0, method="newton", newton_max_iterations=iterations
+        )
+        deviation = np.linalg.matrix_power(np.asarray(root), 4) @ np.asarray(matrix) - np.eye(64)
+        exact = np.linalg.norm(deviation) / 8.0
+        assert exact > 1e-3, exact  # each case needs a visible error
+        assert 0.5 * exact < float(info.relative_error) < 2.0 * exact, (iterations, exact)
+
+
+def test_single_cpu_device_computes_roots_one_at_a_time_without_deadlock():
+    # jaxlib 0.10.2: this program, vectorized, hung 3 runs of 3 (asleep, 1 s of CPU in 30 s) on
+    # one CPU device; one matrix at a time, the default there, ran its 300 calls in 5 s. It must not
+    # hang even without prepare_cpu_environment's scheduler flag.
+    script = textwrap.dedent(
+        """
+        import faulthandler
+        import jax, jax.numpy as jnp, numpy as np
+        from metaopt.optimizers import matrix_inverse_pth_root
+        from metaopt.optimizers._matrix_root import sequential_by_default
+        assert sequential_by_default(), (jax.default_backend(), jax.device_count())
+        a = np.random.default_rng(0).standard_normal((8, 128, 128)).astype(np.float32)
+        a = jnp.asarray(a @ np.swapaxes(a, -1, -2))
+        f = jax.jit(lambda a: (matrix_inverse_pth_root(a, 4)[0],
+                               matrix_inverse_pth_root(2 * a, 2)[0]))
+        faulthandler.dump_traceback_later(60, exit=True)
+        for _ in range(300):
+            jax.block_until_ready(f(a))
+        print("ok")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_ENABLE_X64")}
+    env["JAX_PLATFORMS"] = "cpu"
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]

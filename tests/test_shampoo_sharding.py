@@ -151,3 +151,10 @@ def test_cpu_backend_without_the_environment_warns(factory, monkeypatch):
     assert "--xla_cpu_enable_concurrency_optimized_scheduler=false" in os.environ["XLA_FLAGS"]
     assert os.environ["OPENBLAS_NUM_THREADS"] == "1"
     factory()  # no warning: warnings are errors in this suite
+    # On one CPU device the blocks are rooted one at a time: only OpenBLAS's threads matter.
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    factory()
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS")
+    with pytest.warns(RuntimeWarning, match="OPENBLAS_NUM_THREADS=1"):
+        factory()

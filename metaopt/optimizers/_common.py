@@ -171,25 +171,30 @@ def increment(count: jax.Array) -> jax.Array:
 
 
 # Two problems of XLA:CPU (jaxlib 0.10) on programs with eigendecompositions, as Shampoo's and
-# SOAP's root steps are. (1) XLA's concurrency-optimized scheduler can deadlock them (every thread
-# asleep); this flag turns it off. (2) LAPACK runs on OpenBLAS, whose threads spin while waiting
-# and, on a busy machine, made steps 40 to 200 times slower; one OpenBLAS thread avoids it.
+# SOAP's root steps are. (1) Batched LAPACK calls (eigh, qr of a stack of blocks) spread the batch
+# over XLA's intra-op threads and wait for it; two in flight at once can wait on each other
+# forever. metaopt computes the roots one block at a time on a single CPU device, which never
+# queues work (see _matrix_root.sequential_by_default); with several CPU devices the blocks stay
+# batched, and turning off XLA's concurrency-optimized scheduler (this flag) makes the deadlock
+# rare. (2) LAPACK runs on OpenBLAS, whose threads spin while waiting and, on a busy machine, made
+# steps 40 to 200 times slower; one OpenBLAS thread avoids it.
 CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
 def prepare_cpu_environment() -> None:
-    """Sets the environment that Shampoo and SOAP need on the CPU backend (jaxlib 0.10).
+    """Sets the environment that Shampoo and SOAP want on the CPU backend (jaxlib 0.10).
 
-    Appends ``--xla_cpu_enable_concurrency_optimized_scheduler=false`` to ``XLA_FLAGS`` (XLA's
-    concurrency-optimized scheduler can deadlock programs with several eigendecompositions)
-    and sets ``OPENBLAS_NUM_THREADS=1`` unless it is set (OpenBLAS's spinning threads made root
-    steps 40 to 200 times slower on a busy machine). Call it after importing metaopt and before
-    the first JAX computation; it changes nothing that is already set, and has no effect once
-    the CPU backend has started. On GPU and TPU it is harmless and unnecessary.
-
-    The flag cured every small case we stress-tested but not all large ones: many blocks per
-    root step on a 2-core machine still deadlocked once in jaxlib's batched LAPACK loop. There,
-    ``root_method="newton"`` (matrix products only) never hung.
+    Sets ``OPENBLAS_NUM_THREADS=1`` unless it is set (OpenBLAS's spinning threads made root steps
+    40 to 200 times slower on a busy machine) and appends
+    ``--xla_cpu_enable_concurrency_optimized_scheduler=false`` to ``XLA_FLAGS``, which matters
+    with several CPU devices (``--xla_force_host_platform_device_count``): there the blocks'
+    eigendecompositions run as batches, and two batches in flight at once can deadlock in
+    jaxlib's LAPACK loop; the flag made that rare (no hang in our stress runs of small problems,
+    one in the benchmark's 64-block MLP before metaopt stopped batching on one device). On a
+    single CPU device metaopt computes the blocks one at a time, which cannot deadlock. Call it
+    after importing metaopt and before the first JAX computation; it changes nothing that is
+    already set, and has no effect once the CPU backend has started. On GPU and TPU it is
+    harmless and unnecessary.
 
     Example:
       >>> import metaopt
@@ -202,20 +207,27 @@ def prepare_cpu_environment() -> None:
 
 
 def warn_if_cpu_may_deadlock(algorithm: str) -> None:
-    """Warns when running on XLA:CPU without :func:`prepare_cpu_environment`'s settings."""
-    if (
-        CPU_SCHEDULER_FLAG.split("=")[0] in os.environ.get("XLA_FLAGS", "")
-        and "OPENBLAS_NUM_THREADS" in os.environ
-    ):
-        return
+    """Warns on XLA:CPU when :func:`prepare_cpu_environment`'s settings are missing and matter."""
     if jax.default_backend() != "cpu":
         return
+    missing = []
+    if "OPENBLAS_NUM_THREADS" not in os.environ:
+        missing.append(
+            "OPENBLAS_NUM_THREADS=1 (OpenBLAS's threads can slow root steps 40 to 200 "
+            "times on a busy machine)"
+        )
+    several = jax.device_count() > 1
+    if several and CPU_SCHEDULER_FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+        missing.append(
+            f"XLA_FLAGS={CPU_SCHEDULER_FLAG} (with {jax.device_count()} CPU devices "
+            f"the blocks' eigendecompositions run batched, which can deadlock)"
+        )
+    if not missing:
+        return
     warnings.warn(
-        f"{algorithm} on the CPU backend: jaxlib's XLA:CPU can deadlock on programs that run "
-        f"several eigendecompositions followed by matrix products, and OpenBLAS's threads can "
-        f"slow them 40 to 200 times on a busy machine. Call metaopt.prepare_cpu_environment() "
-        f"before the first JAX computation, or set XLA_FLAGS={CPU_SCHEDULER_FLAG} and "
-        f"OPENBLAS_NUM_THREADS=1 (see the Shampoo guide, 'Known problems on CPU').",
+        f"{algorithm} on the CPU backend without {' and '.join(missing)}. Call "
+        f"metaopt.prepare_cpu_environment() before the first JAX computation (see the Shampoo "
+        f"guide, 'Known problems on CPU').",
         RuntimeWarning,
         stacklevel=3,
     )

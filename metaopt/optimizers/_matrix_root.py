@@ -27,7 +27,10 @@ class MatrixRootInfo(NamedTuple):
       relative_error: :math:`\\lVert X^p \\tilde A - I\\rVert_F / \\sqrt n` for the returned
         :math:`X` and the damped matrix :math:`\\tilde A` (for ``eigh``, its positive
         semi-definite part, whose root is computed; 0 for a zero matrix, whose root is defined
-        as 0).
+        as 0). For ``n`` above 8 the norm is estimated from 8 fixed random sign vectors
+        :math:`Z`, as :math:`\\lVert (X^p\\tilde A - I)Z\\rVert_F/\\lVert Z\\rVert_F`
+        (unbiased in the square), which costs matrix-vector products instead of the
+        :math:`p + 1` matrix products of the exact norm.
       iterations: Newton iterations used (0 for the eigendecomposition).
       finite: whether every entry of the root is finite.
       used_float64: whether the float64 retry produced the result.
@@ -49,6 +52,7 @@ def matrix_inverse_pth_root(
     retry_tol: float | None = 1e-3,
     newton_tol: float = 1e-6,
     newton_max_iterations: int = 100,
+    sequential: bool | None = None,
 ) -> tuple[jax.Array, MatrixRootInfo]:
     r"""Computes :math:`(A + (\delta\lambda_{\max}(A) + \epsilon) I)^{-1/p}` for symmetric PSD A.
 
@@ -85,6 +89,11 @@ def matrix_inverse_pth_root(
         never retries.
       newton_tol: stopping tolerance of the Newton iteration.
       newton_max_iterations: iteration cap of the Newton iteration.
+      sequential: compute the batch's roots one after another (``lax.map``) instead of as one
+        vectorized batch. None (the default) chooses sequential on a single CPU device, where
+        jaxlib 0.10's batched LAPACK calls can deadlock when two are in flight at once (two
+        parameters' roots), and vectorized elsewhere, which keeps a sharded batch on its
+        devices.
 
     Returns:
       ``(root, info)``: the inverse roots, shaped like ``matrix``, and :class:`MatrixRootInfo`.
@@ -120,21 +129,64 @@ def matrix_inverse_pth_root(
             max_iterations=newton_max_iterations,
         )
     differentiable = _with_spectral_derivative(single, p)
-    batch_shape, n = matrix.shape[:-2], matrix.shape[-1]
-    flat = matrix.reshape((-1, n, n))
     # Hyperparameters in a wider dtype (float64 under inject_hyperparams) must not widen the root.
     damping, epsilon = (jnp.asarray(x).astype(matrix.dtype) for x in (damping, epsilon))
-    root, info = jax.vmap(differentiable, in_axes=(0, None, None))(flat, damping, epsilon)
-    return root.reshape(matrix.shape), jax.tree.map(lambda x: x.reshape(batch_shape), info)
+    return map_matrices(
+        lambda m: differentiable(m, damping, epsilon), matrix, sequential=sequential
+    )
 
 
-def _error(root, damped, p):
-    """RMS deviation of root^p @ damped from the identity (0 for a zero root)."""
-    n = damped.shape[-1]
-    power = jnp.linalg.matrix_power(root, p)
-    deviation = power @ damped - jnp.eye(n, dtype=damped.dtype)
+def sequential_by_default() -> bool:
+    """Whether batched matrix functions run one matrix at a time when not told otherwise.
+
+    True on a single CPU device. jaxlib 0.10's CPU eigendecomposition and QR of a *batch* of
+    matrices spread the batch over XLA's intra-op threads and wait for them; two such calls in
+    flight at once (Shampoo's roots for two parameters) can wait on each other forever. One
+    matrix at a time never queues work, and with one OpenBLAS thread it is as fast. With several
+    devices the batch stays vectorized, because a sequential loop over a sharded batch would
+    gather it onto every device; there :func:`prepare_cpu_environment` is the workaround.
+    """
+    return jax.default_backend() == "cpu" and jax.device_count() == 1
+
+
+def map_matrices(fn, *matrices: jax.Array, sequential: bool | None = None):
+    """Applies ``fn`` (matrices ``[n, m]`` to a pytree) to every matrix of ``[..., n, m]`` arrays.
+
+    The arrays share their batch dimensions. Vectorized (``jax.vmap``) or, when ``sequential``
+    (default :func:`sequential_by_default`), one matrix at a time with ``lax.map``; the outputs
+    get the batch dimensions back.
+    """
+    if sequential is None:
+        sequential = sequential_by_default()
+    batch_shape = matrices[0].shape[:-2]
+    flat = tuple(m.reshape((-1, *m.shape[-2:])) for m in matrices)
+    if sequential and flat[0].shape[0] > 1:
+        out = jax.lax.map(lambda args: fn(*args), flat)
+    else:
+        out = jax.vmap(fn)(*flat)
+    return jax.tree.map(lambda x: x.reshape(batch_shape + x.shape[1:]), out)
+
+
+_PROBES = 8
+
+
+def _error(root, apply_damped, p):
+    """RMS deviation of root^p @ damped from the identity (0 for a zero root).
+
+    Exact for n <= _PROBES; above, estimated on fixed random sign vectors Z as
+    |(root^p damped - I) Z|_F / |Z|_F, whose square is unbiased (E[Z Z^T] = I per column).
+    """
+    n = root.shape[-1]
+    if n <= _PROBES:
+        z = jnp.eye(n, dtype=root.dtype)
+    else:
+        signs = 2 * np.random.default_rng(0).integers(0, 2, size=(n, _PROBES)) - 1
+        z = jnp.asarray(signs, root.dtype)
+    y = apply_damped(z)
+    for _ in range(p):
+        y = root @ y
     zero = jnp.all(root == 0)
-    return jnp.where(zero, 0.0, jnp.linalg.norm(deviation) / jnp.sqrt(n))
+    return jnp.where(zero, 0.0, jnp.linalg.norm(y - z) / jnp.linalg.norm(z))
 
 
 def _eigh_in(matrix, p, damping, epsilon):
@@ -146,11 +198,14 @@ def _eigh_in(matrix, p, damping, epsilon):
     positive = damped_values > 0
     inverse_root = jnp.where(positive, jnp.where(positive, damped_values, 1.0) ** (-1.0 / p), 0.0)
     root = (vectors * inverse_root) @ vectors.T
+
     # The error is measured against the positive semi-definite part that was rooted: negative
     # eigenvalues are round-off (bfloat16 statistics have them at 1e-3 of the largest), and
     # measuring against them would reject every root of such statistics.
-    damped = (vectors * damped_values) @ vectors.T
-    return root, _error(root, damped, p)
+    def apply_damped(z):
+        return vectors @ (damped_values[:, None] * (vectors.T @ z))
+
+    return root, _error(root, apply_damped, p)
 
 
 def _eigh_root(matrix, *, p, damping, epsilon, retry_tol):
@@ -198,7 +253,8 @@ def _newton_root(matrix, *, p, damping, epsilon, tol, max_iterations):
     x, m, k = jax.lax.while_loop(active, step, (x, m, jnp.zeros([], jnp.int32)))
     root = jnp.where(zero, jnp.zeros_like(x), x)
     finite = jnp.all(jnp.isfinite(root))
-    return root, MatrixRootInfo(_error(root, damped, p), k, finite, jnp.asarray(False))
+    error = _error(root, lambda z: damped @ z, p)
+    return root, MatrixRootInfo(error, k, finite, jnp.asarray(False))
 
 
 def _largest_eigenvalue(symmetric, iterations=32):
@@ -271,7 +327,7 @@ def _zero_tangent(x):
     return np.zeros(x.shape, dtype=jax.dtypes.float0)
 
 
-def eigenbasis(matrix: jax.Array) -> jax.Array:
+def eigenbasis(matrix: jax.Array, *, sequential: bool | None = None) -> jax.Array:
     """Eigenvectors of symmetric matrices ``[..., n, n]``, columns by decreasing eigenvalue.
 
     Computed in at least float32 and returned in that dtype. This is SOAP's first basis; later
@@ -288,18 +344,24 @@ def eigenbasis(matrix: jax.Array) -> jax.Array:
 
     Args:
       matrix: symmetric matrices, shape ``[..., n, n]``.
+      sequential: one matrix at a time (see :func:`matrix_inverse_pth_root`).
 
     Returns:
       Orthogonal matrices of the same shape.
     """
     dtype = jnp.promote_types(matrix.dtype, jnp.float32)
-    symmetric = matrix.astype(dtype)
-    symmetric = 0.5 * (symmetric + jnp.swapaxes(symmetric, -1, -2))
-    _, vectors = jnp.linalg.eigh(symmetric)
-    return vectors[..., ::-1]
+
+    def single(m):
+        symmetric = m.astype(dtype)
+        _, vectors = jnp.linalg.eigh(0.5 * (symmetric + symmetric.T))
+        return vectors[:, ::-1]
+
+    return map_matrices(single, matrix, sequential=sequential)
 
 
-def refresh_eigenbasis(matrix: jax.Array, basis: jax.Array) -> tuple[jax.Array, jax.Array]:
+def refresh_eigenbasis(
+    matrix: jax.Array, basis: jax.Array, *, sequential: bool | None = None
+) -> tuple[jax.Array, jax.Array]:
     r"""One power-iteration step towards the eigenbasis of ``matrix``, starting from ``basis``.
 
     The columns of :math:`Q` are first sorted by the estimated eigenvalues
@@ -319,6 +381,7 @@ def refresh_eigenbasis(matrix: jax.Array, basis: jax.Array) -> tuple[jax.Array, 
     Args:
       matrix: symmetric matrices ``[..., n, n]``.
       basis: current orthogonal bases, same shape.
+      sequential: one matrix at a time (see :func:`matrix_inverse_pth_root`).
 
     Returns:
       ``(basis, order)``: the refreshed bases and, per matrix, the permutation applied to the old
@@ -326,9 +389,12 @@ def refresh_eigenbasis(matrix: jax.Array, basis: jax.Array) -> tuple[jax.Array, 
       in the old coordinates can be permuted to match.
     """
     dtype = jnp.promote_types(matrix.dtype, jnp.float32)
-    matrix, basis = matrix.astype(dtype), basis.astype(dtype)
-    estimates = jnp.einsum("...ij,...ik,...kj->...j", basis, matrix, basis)
-    order = jnp.argsort(-estimates, axis=-1, stable=True)
-    basis = jnp.take_along_axis(basis, order[..., None, :], axis=-1)
-    q, _ = jnp.linalg.qr(matrix @ basis)
-    return q, order
+
+    def single(m, q):
+        m, q = m.astype(dtype), q.astype(dtype)
+        estimates = jnp.einsum("ij,ik,kj->j", q, m, q)
+        order = jnp.argsort(-estimates, stable=True)
+        q, _ = jnp.linalg.qr(m @ q[:, order])
+        return q, order
+
+    return map_matrices(single, matrix, basis, sequential=sequential)

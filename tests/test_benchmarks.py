@@ -253,7 +253,7 @@ def test_tiny_shampoo_run_writes_its_section_and_plots(tmp_path):
         "**missed** (within noise)",
     )
     loops = _table(text, "loop of 4 steps")
-    assert list(loops) == ["optax.adam", "metaopt.shampoo, block 16"]
+    assert list(loops) == ["optax.adam", "metaopt.shampoo, block 16", "metaopt.soap, block 16"]
     for cells in loops.values():
         _number(cells[1])  # per step, ms
         _number(cells[2])  # ÷ Adam's loop

@@ -20,6 +20,7 @@ PUBLIC = {
     "metaopt": metaopt.__all__,
     "metaopt.implicit": metaopt.implicit.__all__,
     "metaopt.bilevel": metaopt.bilevel.__all__,
+    "metaopt.meta": metaopt.meta.__all__,
     "metaopt.tasks": metaopt.tasks.__all__,
 }
 PUBLIC_NAMES = [f"{module}.{name}" for module, names in PUBLIC.items() for name in names]

@@ -7,6 +7,7 @@ Every algorithm is a pure function of the meta-parameters and a batch of tasks (
 """
 
 from metaopt.meta._adapt import InnerLoop, MetaDiagnostics, adapt, shard_tasks
+from metaopt.meta._flax import nnx_loss
 from metaopt.meta._imaml import imaml_loss, reptile_direction
 from metaopt.meta._interpolation import interpolate_tasks
 from metaopt.meta._maml import (
@@ -30,6 +31,7 @@ __all__ = [
     "maml_loss",
     "metasgd_init",
     "metasgd_loss",
+    "nnx_loss",
     "reptile_direction",
     "shard_tasks",
 ]

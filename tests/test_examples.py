@@ -30,7 +30,12 @@ def _validation_mse_before_and_after(stdout: str) -> tuple[float, float]:
 
 def test_demo_runs_and_reports_every_optimizer(tmp_path):
     stdout = _run_example(
-        "demo.py", tmp_path / "demo.png", "--epochs=2", "--hidden_width=32", "--tuning_steps=20"
+        "demo.py",
+        tmp_path / "demo.png",
+        "--epochs=2",
+        "--hidden_width=32",
+        "--tuning_steps=20",
+        "--meta_steps=50",
     )
 
     # Each optimizer has a table row: name, train loss, test accuracy, compile and train time.
@@ -45,6 +50,11 @@ def test_demo_runs_and_reports_every_optimizer(tmp_path):
     # The hyperparameter-tuning section ran and lowered the validation loss.
     before, after = _validation_mse_before_and_after(stdout)
     assert 0.0 < after < before
+
+    # The meta-learning section reports both learners' query error after adaptation.
+    match = re.search(r"MAML ([\d.]+), network trained on all tasks ([\d.]+)", stdout)
+    assert match, f"no meta-learning line in:\n{stdout}"
+    assert all(0.0 < float(value) < 1e3 for value in match.groups())
 
 
 def test_hyperparameter_tuning_lowers_the_validation_loss(tmp_path):

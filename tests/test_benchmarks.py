@@ -269,3 +269,50 @@ def test_tiny_shampoo_run_writes_its_section_and_plots(tmp_path):
         assert list(_table(part, "steps to target (final loss)")) == QUALITY_METHODS
         assert f"](_static/{plot})" in part
         assert (plots / plot).read_bytes().startswith(b"\x89PNG")
+
+
+TINY_META = [
+    "--suite=meta",
+    "--meta_inner_steps=2",
+    "--meta_tasks=3",
+    "--meta_shots=4",
+    "--meta_hidden=8",
+    *SETTINGS,
+]
+META_NAMES = [
+    "MAML (unrolled)",
+    "MAML, checkpoint=True",
+    "FOMAML",
+    "metaopt iMAML",
+    "jaxopt iMAML (GradientDescent + solve_cg)",
+    "optimistix iMAML (GradientDescent + ImplicitAdjoint(CG))",
+]
+
+
+def test_tiny_meta_run_writes_its_own_section(tmp_path):
+    report = tmp_path / "benchmarks.md"
+    report.write_text(INTRO + OTHER_SECTION)
+    text = _run_harness(report, arguments=TINY_META)
+
+    assert text.startswith(INTRO + OTHER_SECTION)
+    assert text.count("<!-- BEGIN GENERATED: meta -->") == 1
+    assert text.rstrip().endswith("<!-- END GENERATED: meta -->")
+    assert "python -m benchmarks.run --suite=meta --meta_inner_steps=2" in text
+
+    # One row per variant (k = 2 only, to keep the test short); every library ran.
+    lines = text.splitlines()
+    rows = [line.split("|")[1:-1] for line in lines if line.startswith("| 2 |")]
+    assert [cells[1].strip() for cells in rows] == META_NAMES
+    for cells in rows:
+        _median(cells[2])
+        _number(cells[3])  # ratio to metaopt iMAML
+        _kib(cells[6])  # XLA temporaries
+    by_name = {(cells[0].strip(), cells[1].strip()): cells for cells in rows}
+    for k in ("2",):
+        assert by_name[k, "metaopt iMAML"][3].strip() == "1.00 [1.00–1.00]"
+        # Same inner iterates and the same CG: the meta-gradients agree to float32 rounding.
+        for name in META_NAMES[1:2] + META_NAMES[4:]:
+            assert _error(by_name[k, name][4].split()[0]) < 1e-3, (k, name, by_name[k, name][4])
+    assert text.count("metaopt iMAML ÷ jaxopt iMAML = ") == 1
+    assert "checkpoint=True ÷ unrolled MAML = " in text
+    assert list(_table(text, "XLA temporaries")) == META_NAMES

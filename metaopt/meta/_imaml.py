@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from metaopt.bilevel import FirstOrder, Implicit, solve
 from metaopt.implicit import CG
@@ -77,7 +78,7 @@ def imaml_loss(
 
     def per_task(theta, task):
         def proximal(phi, theta, weight):
-            distance = sum(jnp.sum(jnp.square(a - b)) for a, b in _leaf_pairs(phi, theta))
+            distance = optax.tree.norm(optax.tree.sub(phi, theta), squared=True)
             return loss_fn(phi, task.support) + 0.5 * weight * distance
 
         phi, info = solve(
@@ -139,10 +140,5 @@ def reptile_direction(
         return (loss_fn(phi, task.query), direction), (loss_fn(theta, task.support), info)
 
     (query_loss, directions), rest = over_tasks(per_task, meta_params, tasks)
-    loss, diagnostics = _mean((query_loss, rest))
-    del loss
+    _, diagnostics = _mean((query_loss, rest))
     return jax.tree.map(lambda d: jnp.mean(d, axis=0), directions), diagnostics
-
-
-def _leaf_pairs(a, b):
-    return zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)

@@ -68,6 +68,10 @@ def interpolate_tasks(
     partner = (jnp.arange(num_tasks) + shift) % num_tasks
     weight = jax.random.beta(mix_key, alpha, alpha, (num_tasks,))
 
+    def mix(a, b):
+        lam = weight.reshape((-1,) + (1,) * (a.ndim - 1)).astype(a.dtype)
+        return lam * a + (1 - lam) * b
+
     def mix_set(batch):
         x, y = batch
         if classification:
@@ -76,11 +80,8 @@ def interpolate_tasks(
             y = jnp.take_along_axis(y, order, axis=1)
             if not isinstance(y, jax.core.Tracer):
                 _check_balanced(y, partner)
-            lam = weight.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
-            return lam * x + (1 - lam) * x[partner], y
-        lam_x = weight.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
-        lam_y = weight.reshape((-1,) + (1,) * (y.ndim - 1)).astype(y.dtype)
-        return lam_x * x + (1 - lam_x) * x[partner], lam_y * y + (1 - lam_y) * y[partner]
+            return mix(x, x[partner]), y
+        return mix(x, x[partner]), mix(y, y[partner])
 
     mixed = tasks._replace(support=mix_set(tasks.support), query=mix_set(tasks.query))
     return mixed._replace(info=None) if hasattr(mixed, "info") else mixed

@@ -9,7 +9,9 @@ reader's browser, not at build time.
 """
 
 import os
+import pathlib
 import re
+import shutil
 import sys
 
 # Document the checkout this file lives in, even when another metaopt is installed.
@@ -26,7 +28,7 @@ release = metaopt.__version__
 version = release
 
 extensions = [
-    "myst_parser",
+    "myst_nb",  # MyST markdown and the example notebooks, rendered with their saved outputs
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",
@@ -34,9 +36,19 @@ extensions = [
     "sphinx.ext.viewcode",
 ]
 
-source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
+source_suffix = {".md": "myst-nb", ".rst": "restructuredtext", ".ipynb": "myst-nb"}
 root_doc = "index"
 exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "**/.ipynb_checkpoints"]
+
+# The notebooks in examples/ are committed executed (tests/test_notebooks.py checks it): the docs
+# show those outputs and never run them. Sphinx reads sources only below docs/, so each build
+# copies them to docs/examples/ (ignored by git).
+nb_execution_mode = "off"
+_NOTEBOOKS = pathlib.Path(__file__).resolve().parent / "examples"
+shutil.rmtree(_NOTEBOOKS, ignore_errors=True)
+_NOTEBOOKS.mkdir()
+for _notebook in sorted((_NOTEBOOKS.parents[1] / "examples").glob("*.ipynb")):
+    shutil.copy2(_notebook, _NOTEBOOKS / _notebook.name)
 
 # MyST: $...$ and $$...$$ maths, and bare LaTeX environments (align, gather, ...).
 myst_enable_extensions = ["dollarmath", "amsmath"]

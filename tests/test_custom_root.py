@@ -201,6 +201,22 @@ def test_vmap_over_tasks_equals_a_loop(dtype):
 
     np.testing.assert_allclose(jax.grad(meta_loss_closed)(penalty), jnp.sum(looped), rtol=rtol)
 
+    # grad of jit, with the task's data closed over: the JVP rule is traced after the jit's
+    # trace, where a vmap tracer over constant data used to escape (UnexpectedTracerError).
+    def meta_loss_data_closed(p):
+        def one_task(x, y):
+            @custom_root(lambda w, p: ridge_optimality(w, p, x, y), solve=CG(tol=tol))
+            def solve_task(init, p):
+                return jnp.linalg.solve(x.T @ x + p * jnp.eye(6, dtype=dtype), x.T @ y) + 0 * init
+
+            return jnp.sum(solve_task(jnp.zeros(6, dtype), p) ** 2)
+
+        return jnp.sum(jax.vmap(one_task)(xs, ys))
+
+    np.testing.assert_allclose(
+        jax.grad(jax.jit(meta_loss_data_closed))(penalty), jnp.sum(looped), rtol=rtol
+    )
+
 
 def test_jit_keyword_arguments_aux_and_zero_init_gradient():
     x, y, _, _ = regression_data(seed=6)
@@ -366,3 +382,27 @@ def test_bad_configuration_is_rejected():
 
     with pytest.raises(ValueError, match="shaped like the solution"):
         wrong(jnp.zeros(3), 1.0)
+
+
+def test_failure_report_runs_once_per_batch_and_never_on_success():
+    # A host callback costs milliseconds: under vmap (nested too) it must run only when some
+    # element failed, once, with the flags of the whole batch.
+    from metaopt.implicit._custom_root import call_host_on_failure
+
+    calls = []
+
+    def report(failed, value):
+        calls.append((np.asarray(failed).tolist(), np.asarray(value).shape))
+
+    def check(x):
+        call_host_on_failure(x > 2.0, report, x)
+        return x
+
+    nested = jax.jit(jax.vmap(jax.vmap(check)))
+    jax.block_until_ready(nested(jnp.zeros((2, 3))))
+    assert calls == []
+    jax.block_until_ready(nested(jnp.zeros((2, 3)).at[1, 2].set(5.0)))
+    assert calls == [([[False, False, False], [False, False, True]], (2, 3))]
+    # Differentiating through the caller is unaffected.
+    grad = jax.grad(lambda x: jnp.sum(jax.vmap(check)(x) ** 2))(jnp.ones(3))
+    np.testing.assert_allclose(grad, 2 * np.ones(3))

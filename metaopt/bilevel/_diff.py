@@ -86,8 +86,10 @@ class Implicit:
         inner problem, :class:`metaopt.implicit.MINRES` when the inner Hessian may be
         indefinite, a fixed small number of CG steps as in iMAML).
       on_failure: what happens when the inner solve did not reach ``tol`` or the adjoint solve
-        did not converge or met negative curvature: ``"warn"`` (default: a warning at run
-        time, the event is in the diagnostics, the derivative is returned), ``"nan"`` (the
+        did not converge or met negative curvature (for a solver with a fixed iteration
+        budget, such as ``CG(fixed_iterations=True)``, only negative curvature): ``"warn"``
+        (default: a warning at run time, one per batch under ``vmap``, the event is in the
+        diagnostics, the derivative is returned), ``"nan"`` (the
         hypergradient is NaN), ``"raise"`` (a runtime error), ``"ignore"``, or another diff
         mode (``Unrolled(...)``, ``Truncated(k)``, ``FirstOrder()``) to fall back to when the
         inner solve did not converge: the solve is then redone and differentiated that way,

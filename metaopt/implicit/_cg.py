@@ -106,7 +106,9 @@ class CG(LinearSolver):
       ridge: :math:`\lambda`, added to the diagonal (damping); may be a traced array.
       preconditioner: optional function :math:`r \mapsto M^{-1} r`.
       fixed_iterations: run exactly ``maxiter`` iterations with no early exit (iMAML's "a few
-        CG steps"); never raises, the residual is reported in the info.
+        CG steps"); the residual left is reported in the info, and the ``on_failure`` policies
+        of implicit differentiation do not count it as a failure (negative curvature they
+        do).
     """
 
     maxiter: int | None = None

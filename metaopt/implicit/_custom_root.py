@@ -123,8 +123,8 @@ def custom_root(
 
             # Closed-over traced values become explicit inputs, so they are differentiated
             # through the optimality condition like arguments (custom_jvp cannot see closures).
-            residual, residual_consts = jax.closure_convert(residual, init, args, values)
-            solve_fn, solver_consts = jax.closure_convert(solve_fn, init, args, values)
+            residual, residual_consts = closure_convert(residual, init, args, values)
+            solve_fn, solver_consts = closure_convert(solve_fn, init, args, values)
             _check_square(residual, init, args, values, residual_consts)
             implicit = _implicit_solution(residual, solve_fn, linear_solver, has_aux, on_failure)
             return implicit(init, args, values, tuple(residual_consts), tuple(solver_consts))
@@ -182,6 +182,38 @@ def custom_fixed_point(
     )
 
 
+def closure_convert(fun: Callable[..., Any], *example_args: Any) -> tuple[Callable, list]:
+    """``(converted, consts)``: ``fun`` with every closed-over tracer made an explicit input.
+
+    ``converted(*args, *consts)`` equals ``fun(*args)``. Unlike ``jax.closure_convert``, which
+    keeps tracers it judges unperturbed (a ``vmap`` tracer over a constant array) inside the
+    function, every tracer is hoisted: under ``jax.grad(jax.jit(f))`` the JVP rule is traced
+    after ``f``'s own trace, and a kept ``vmap`` tracer would escape its transformation there.
+    """
+    flat_args, in_tree = jax.tree.flatten(example_args)
+
+    def flat_fun(*flat):
+        return fun(*jax.tree.unflatten(in_tree, flat))
+
+    closed, out_shape = jax.make_jaxpr(flat_fun, return_shape=True)(*flat_args)
+    out_tree = jax.tree.structure(out_shape)
+    consts = list(closed.consts)
+    hoisted = [i for i, c in enumerate(consts) if isinstance(c, jax.core.Tracer)]
+
+    def converted(*args_and_consts):
+        args, hoisted_values = (
+            args_and_consts[: len(example_args)],
+            args_and_consts[len(example_args) :],
+        )
+        all_consts = list(consts)
+        for i, value in zip(hoisted, hoisted_values, strict=True):
+            all_consts[i] = value
+        out = jax.core.eval_jaxpr(closed.jaxpr, all_consts, *jax.tree.leaves(args))
+        return jax.tree.unflatten(out_tree, out)
+
+    return converted, [consts[i] for i in hoisted]
+
+
 def _implicit_solution(residual, solve_fn, linear_solver, has_aux, on_failure):
     """The custom_jvp function ``(init, args, values, residual_consts, solver_consts) -> x``."""
 
@@ -209,7 +241,8 @@ def _implicit_solution(residual, solve_fn, linear_solver, has_aux, on_failure):
 
         def solve_with_policy(operator, b):
             solution, info = linear_solver(operator, b)
-            return _apply_policy(solution, info, on_failure)
+            budgeted = getattr(linear_solver, "fixed_iterations", False)
+            return _apply_policy(solution, info, on_failure, budgeted=budgeted)
 
         x_dot = jax.lax.custom_linear_solve(
             matvec,
@@ -225,8 +258,12 @@ def _implicit_solution(residual, solve_fn, linear_solver, has_aux, on_failure):
     return implicit
 
 
-def _apply_policy(solution: Any, info: LinearSolveInfo, on_failure: OnFailure) -> Any:
-    failed = ~info.converged | info.negative_curvature
+def _apply_policy(
+    solution: Any, info: LinearSolveInfo, on_failure: OnFailure, *, budgeted: bool = False
+) -> Any:
+    # A fixed iteration budget (iMAML's few CG steps) leaves a residual by design: only
+    # negative curvature counts as a failure there.
+    failed = info.negative_curvature if budgeted else ~info.converged | info.negative_curvature
     if on_failure == "nan":
         return jax.tree.map(lambda s: jnp.where(failed, jnp.nan, s), solution)
     if on_failure in ("warn", "raise"):
@@ -237,16 +274,45 @@ def _apply_policy(solution: Any, info: LinearSolveInfo, on_failure: OnFailure) -
 
 
 def call_host_on_failure(failed: jax.Array, report: Callable[..., None], *operands: Any) -> None:
-    """Calls ``report(failed, *operands)`` on the host, only when ``failed`` is true.
+    """Calls ``report(failed, *operands)`` on the host, only when ``failed`` is true somewhere.
 
-    The ``cond`` keeps the host round trip off the common, successful path (under ``vmap`` the
-    predicate is batched, both branches run, and ``report`` checks ``failed`` itself).
+    A host callback costs milliseconds (about 5 ms on XLA:CPU), so it must stay off the common,
+    successful path. A ``lax.cond`` does that for one solve; under ``vmap`` its predicate would be
+    batched and both branches run on every call, so a custom batching rule reduces the
+    predicate over the batch first (recursively, for nested ``vmap``) and ``report`` receives
+    the batched ``failed`` and operands. Nothing here is differentiated.
     """
-    jax.lax.cond(
-        jnp.any(failed),
-        lambda: jax.debug.callback(report, failed, *operands),
-        lambda: None,
-    )
+    failed, operands = jax.lax.stop_gradient((failed, operands))
+    _report_if(failed, failed, operands, report)
+
+
+def _report_if(predicate: jax.Array, failed: Any, operands: Any, report: Callable) -> None:
+    @jax.custom_batching.custom_vmap
+    def report_if(predicate, failed, operands):
+        jax.lax.cond(
+            jnp.any(predicate),
+            lambda: jax.debug.callback(report, failed, *operands),
+            lambda: None,
+        )
+        return predicate
+
+    @report_if.def_vmap
+    def _batched(axis_size, in_batched, predicate, failed, operands):
+        def stacked(tree, batched):
+            return jax.tree.map(
+                lambda x, b: x if b else jnp.broadcast_to(x, (axis_size, *jnp.shape(x))),
+                tree,
+                batched,
+            )
+
+        predicate_batched, failed_batched, operands_batched = in_batched
+        failed = stacked(failed, failed_batched)
+        operands = stacked(operands, operands_batched)
+        if predicate_batched:
+            predicate = jnp.any(predicate, axis=0)
+        return report_if(predicate, failed, operands), False
+
+    report_if(predicate, failed, operands)
 
 
 def _report(failed: Any, info: LinearSolveInfo, *, raise_error: bool) -> None:

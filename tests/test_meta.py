@@ -11,6 +11,7 @@ import optax
 import pytest
 from jax.sharding import Mesh
 
+import metaopt
 from metaopt import meta
 from metaopt.implicit import CG, MINRES, ImplicitDifferentiationWarning
 from metaopt.tasks import Task, digits_fewshot_pools, fewshot_tasks, init_mlp
@@ -64,9 +65,19 @@ def test_fomaml_drops_exactly_the_second_order_term():
     assert np.linalg.norm(want - second_order) > 1e-2 * np.linalg.norm(want)
 
 
-def test_maml_through_an_mlp_matches_finite_differences():
-    # Nonlinear model and an Adam inner loop (eps_root keeps Adam's square root differentiable
-    # at zero second moments, where its derivative is infinite).
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        optax.adam(0.05, eps_root=1e-12),
+        metaopt.sam(optax.sgd(0.1), rho=0.05),
+        metaopt.ademamix(0.05, eps_root=1e-12),
+    ],
+    ids=["optax.adam", "metaopt.sam", "metaopt.ademamix"],
+)
+def test_maml_through_an_mlp_matches_finite_differences(optimizer):
+    # Nonlinear model and inner loops beyond SGD: optax's Adam and metaopt's own optimizers
+    # (eps_root keeps the Adam-type square root differentiable at zero second moments, where
+    # its derivative is infinite; SAM's inner step takes grad_fn from the inner solve).
     rng = np.random.default_rng(3)
     x = rng.uniform(-2, 2, size=(2, 2, 8, 1))
     tasks = Task((x[0], np.sin(x[0])), (x[1], np.sin(x[1] + 0.3)))
@@ -80,8 +91,9 @@ def test_maml_through_an_mlp_matches_finite_differences():
         h = jnp.tanh(batch[0] @ p["w1"] + p["b1"])
         return jnp.mean((h @ p["w2"] - batch[1]) ** 2)
 
-    inner = meta.InnerLoop(optax.adam(0.05, eps_root=1e-12), steps=3)
+    inner = meta.InnerLoop(optimizer, steps=3)
 
+    @jax.jit
     def objective(p):
         return meta.maml_loss(p, tasks, loss, inner)[0]
 

@@ -283,7 +283,8 @@ META_NAMES = [
     "MAML (unrolled)",
     "MAML, checkpoint=True",
     "FOMAML",
-    "metaopt iMAML",
+    'metaopt iMAML, on_failure="ignore"',
+    'metaopt iMAML, default on_failure="warn"',
     "jaxopt iMAML (GradientDescent + solve_cg)",
     "optimistix iMAML (GradientDescent + ImplicitAdjoint(CG))",
 ]
@@ -309,7 +310,7 @@ def test_tiny_meta_run_writes_its_own_section(tmp_path):
         _kib(cells[6])  # XLA temporaries
     by_name = {(cells[0].strip(), cells[1].strip()): cells for cells in rows}
     for k in ("2",):
-        assert by_name[k, "metaopt iMAML"][3].strip() == "1.00 [1.00–1.00]"
+        assert by_name[k, META_NAMES[3]][3].strip() == "1.00 [1.00–1.00]"
         # Same inner iterates and the same CG: the meta-gradients agree to float32 rounding.
         for name in META_NAMES[1:2] + META_NAMES[4:]:
             assert _error(by_name[k, name][4].split()[0]) < 1e-3, (k, name, by_name[k, name][4])

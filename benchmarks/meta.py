@@ -153,24 +153,20 @@ def _meta_gradient_step(meta_loss: Callable[[Any, Any], jax.Array]):
 
 def _metaopt_losses(k: int, learning_rate: float, regularization: float, cg_steps: int):
     inner = meta.InnerLoop(optax.sgd(learning_rate), steps=k)
+
+    def imaml(**options):
+        return lambda p, t: meta.imaml_loss(
+            p, t, mse_loss, inner, regularization=regularization, cg_steps=cg_steps, **options
+        )[0]
+
     return {
         _MAML: lambda p, t: meta.maml_loss(p, t, mse_loss, inner)[0],
         _CHECKPOINTED: lambda p, t: meta.maml_loss(p, t, mse_loss, inner, checkpoint=True)[0],
         _FOMAML: lambda p, t: meta.fomaml_loss(p, t, mse_loss, inner)[0],
         # Like jaxopt and optimistix, no check of the adjoint solve: the like-for-like row.
-        _IMAML: lambda p, t: meta.imaml_loss(
-            p,
-            t,
-            mse_loss,
-            inner,
-            regularization=regularization,
-            cg_steps=cg_steps,
-            on_failure="ignore",
-        )[0],
+        _IMAML: imaml(on_failure="ignore"),
         # The default: negative curvature in the adjoint CG is reported.
-        _IMAML_CHECKED: lambda p, t: meta.imaml_loss(
-            p, t, mse_loss, inner, regularization=regularization, cg_steps=cg_steps
-        )[0],
+        _IMAML_CHECKED: imaml(),
     }
 
 

@@ -21,7 +21,7 @@ def imaml_loss(
     inner: InnerLoop,
     *,
     regularization: float | jax.Array,
-    cg_steps: int = 5,
+    cg_steps: int | None = None,
     linear_solver: LinearSolver | None = None,
     on_failure: str = "warn",
 ) -> tuple[jax.Array, MetaDiagnostics]:
@@ -76,9 +76,9 @@ def imaml_loss(
       loss_fn: ``loss_fn(params, batch) -> scalar``.
       inner: the :class:`InnerLoop` that solves the regularized problem.
       regularization: :math:`\lambda > 0`.
-      cg_steps: conjugate-gradient iterations for the implicit meta-gradient (a fixed
-        budget, as in the paper: the remaining residual is not an error; CG stops earlier
-        only once its relative residual is below 1e-6).
+      cg_steps: conjugate-gradient iterations for the implicit meta-gradient, 5 if None (a
+        fixed budget, as in the paper: the remaining residual is not an error; CG stops
+        earlier only once its relative residual is below 1e-6).
       linear_solver: the solver of the adjoint system :math:`(I + H_i/\lambda)\,v = g`
         instead of ``cg_steps`` of CG, for example ``CG(tol=1e-10, maxiter=100)`` to solve it
         exactly or :class:`metaopt.implicit.MINRES` for an indefinite one.
@@ -96,11 +96,13 @@ def imaml_loss(
             f"regularization must be > 0 (the proximal term's weight lambda), got "
             f"regularization={regularization!r}."
         )
-    if isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or cg_steps < 1:
+    if cg_steps is not None and (
+        isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or cg_steps < 1
+    ):
         raise ValueError(f"cg_steps must be a positive int, got cg_steps={cg_steps!r}.")
     if linear_solver is None:
-        linear_solver = CG(maxiter=cg_steps, fixed_iterations=True)
-    elif cg_steps != 5:
+        linear_solver = CG(maxiter=5 if cg_steps is None else cg_steps, fixed_iterations=True)
+    elif cg_steps is not None:
         raise ValueError(
             f"give cg_steps or linear_solver, not both (got cg_steps={cg_steps!r} and "
             f"linear_solver={linear_solver!r}); set the iterations on the solver."

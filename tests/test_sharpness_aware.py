@@ -276,3 +276,195 @@ def test_data_parallel_perturbation_equals_full_batch(make):
         return jax.lax.pmean(updates, "data")
 
     assert np.max(np.abs(jax.jit(local_step)(w, x, y) - expected)) > 1e-6
+
+
+# ----------------------------------------------------------------------------- non-finite input
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("name", sorted(SHARPNESS_TRANSFORMS))
+def test_nonfinite_gradient_shows_in_the_gradient_norm(name, bad):
+    # The documented diagnostic: a non-finite value in state.gradient_norm means a non-finite
+    # gradient reached the transform (a NaN used to read 0.0).
+    tx = SHARPNESS_TRANSFORMS[name]()
+    params = {"w": jnp.ones((2, 2)), "b": jnp.zeros(3)}
+    grads = {"w": jnp.ones((2, 2)), "b": jnp.array([0.0, bad, 1.0])}
+    _, state = tx.update(grads, tx.init(params), params, grad_fn=lambda p: grads)
+    assert not np.isfinite(float(state.gradient_norm))
+    assert np.isnan(float(state.gradient_norm)) == np.isnan(bad)
+
+
+def test_global_norm_matches_numpy_and_has_zero_derivative_at_zero():
+    from metaopt.optimizers._common import global_norm
+
+    rng = np.random.default_rng(0)
+    tree = {"a": rng.normal(size=(3, 4)), "b": [rng.normal(size=5), np.float64(2.5)]}
+    flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+    np.testing.assert_allclose(global_norm(tree), np.linalg.norm(flat), rtol=1e-15)
+    # Derivative x / |x| away from zero, 0 at zero (not NaN), in values and second derivatives.
+    x = jnp.asarray(flat)
+    np.testing.assert_allclose(jax.grad(global_norm)(x), flat / np.linalg.norm(flat), rtol=1e-14)
+    zero = jnp.zeros(4)
+    np.testing.assert_array_equal(jax.grad(global_norm)(zero), np.zeros(4))
+    assert np.all(np.isfinite(jax.hessian(global_norm)(zero)))
+    assert np.isnan(global_norm({"a": jnp.array([1.0, np.nan])}))
+    assert global_norm({"a": jnp.array([1.0, -np.inf])}) == np.inf
+
+
+# ----------------------------------------------------------------------------- configuration
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda v: metaopt.sam(optax.sgd(0.1), rho=v), "rho"),
+        (lambda v: metaopt.scale_by_sam(v), "rho"),
+        (lambda v: metaopt.asam(optax.sgd(0.1), rho=v), "rho"),
+        (lambda v: metaopt.asam(optax.sgd(0.1), eta=v), "eta"),
+        (lambda v: metaopt.gam(optax.sgd(0.1), rho=v), "rho"),
+        (lambda v: metaopt.gam(optax.sgd(0.1), alpha=v), "alpha"),
+        (lambda v: metaopt.gam(optax.sgd(0.1), fd_radius=v), "fd_radius"),
+        (lambda v: metaopt.gradient_regularization(optax.sgd(0.1), gamma=v), "gamma"),
+        (lambda v: metaopt.gradient_regularization(optax.sgd(0.1), epsilon=v), "epsilon"),
+    ],
+)
+@pytest.mark.parametrize("value", [np.inf, np.nan])
+def test_nonfinite_hyperparameter_is_rejected_at_construction(make, name, value):
+    # rho=inf used to be accepted and gave an update of -inf at the first step.
+    with pytest.raises(ValueError, match=rf"{name} must be finite.*got {name}={value!r}"):
+        make(value)
+
+
+@pytest.mark.parametrize("base", ["adam", None, optax.adam])
+@pytest.mark.parametrize(
+    "alias", [metaopt.sam, metaopt.asam, metaopt.gam, metaopt.gradient_regularization]
+)
+def test_base_optimizer_must_be_an_optax_transform(alias, base):
+    # sam("adam") used to fail with "'str' object has no attribute 'init'".
+    with pytest.raises(
+        TypeError,
+        match=r"base_optimizer must be an optax GradientTransformation.*"
+        r"base_optimizer=optax\.adam\(1e-3\)",
+    ):
+        alias(base)
+
+
+# ----------------------------------------------------------------------------- masking
+def _masked_problem():
+    """A loss in which every leaf's gradient depends on every other leaf."""
+    params = {
+        "layer": {"w": jnp.array([[0.5, -1.0], [2.0, 0.25], [-0.5, 1.5]]), "s": jnp.array(0.8)},
+        "b": jnp.array([0.1, -0.3]),
+    }
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(7, 3)))
+
+    def loss(p):
+        hidden = jnp.tanh(x @ p["layer"]["w"] * p["layer"]["s"] + p["b"])
+        return jnp.mean(jnp.square(hidden - 0.3)) + 0.1 * jnp.sum(p["b"] ** 2)
+
+    return params, loss
+
+
+def test_sam_inside_multi_transform_matches_hand_computation():
+    # SAM on the layer (its perturbation and norm cover the layer only), Adam on the bias.
+    params, loss = _masked_problem()
+    rho, lr_sam, lr_adam = 0.05, 0.1, 0.01
+    labels = {"layer": {"w": "sam", "s": "sam"}, "b": "adam"}
+    tx = optax.multi_transform(
+        {"sam": metaopt.sam(optax.sgd(lr_sam), rho=rho), "adam": optax.adam(lr_adam)}, labels
+    )
+    state = tx.init(params)
+    p = params
+    ref = jax.tree.map(np.asarray, params)
+    m, v = np.zeros(2), np.zeros(2)
+    grad = jax.grad(loss)
+    for t in range(1, 4):
+        g = grad(p)
+        updates, state = tx.update(g, state, p, grad_fn=grad, all_params=p)
+        p = optax.apply_updates(p, updates)
+
+        # The hand computation, in NumPy from gradients of the loss at explicit points.
+        g_ref = jax.tree.map(np.asarray, grad(ref))
+        layer = g_ref["layer"]
+        norm = np.sqrt(np.sum(layer["w"] ** 2) + layer["s"] ** 2)
+        perturbed = {
+            "layer": {k: ref["layer"][k] + rho * layer[k] / norm for k in ("w", "s")},
+            "b": ref["b"],
+        }
+        g_sam = jax.tree.map(np.asarray, grad(perturbed))["layer"]
+        m = 0.9 * m + 0.1 * g_ref["b"]
+        v = 0.999 * v + 0.001 * g_ref["b"] ** 2
+        step_b = (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
+        ref = {
+            "layer": {k: ref["layer"][k] - lr_sam * g_sam[k] for k in ("w", "s")},
+            "b": ref["b"] - lr_adam * step_b,
+        }
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15), p, ref)
+    # Guard: perturbing the whole tree instead would differ by more than the tolerance.
+    whole = metaopt.sam(optax.sgd(lr_sam), rho=rho)
+    g = grad(params)
+    whole_update, _ = whole.update(g, whole.init(params), params, grad_fn=grad)
+    masked_update, _ = tx.update(g, tx.init(params), params, grad_fn=grad, all_params=params)
+    assert np.max(np.abs(whole_update["layer"]["w"] - masked_update["layer"]["w"])) > 1e-6
+
+
+def test_asam_inside_masked_matches_hand_computation():
+    params, loss = _masked_problem()
+    rho, eta = 0.5, 0.01
+    tx = optax.masked(metaopt.scale_by_asam(rho, eta), {"layer": True, "b": False})
+    grad = jax.grad(loss)
+    g = grad(params)
+    out, state = tx.update(g, tx.init(params), params, grad_fn=grad, all_params=params)
+    np_params = jax.tree.map(np.asarray, params)
+    g_layer = jax.tree.map(np.asarray, g["layer"])
+    scale = {k: np.abs(np_params["layer"][k]) + eta for k in ("w", "s")}
+    norm = np.sqrt(sum(np.sum((scale[k] * g_layer[k]) ** 2) for k in ("w", "s")))
+    perturbed = {
+        "layer": {
+            k: np_params["layer"][k] + rho * scale[k] ** 2 * g_layer[k] / norm for k in ("w", "s")
+        },
+        "b": np_params["b"],
+    }
+    expected = {
+        "layer": jax.tree.map(np.asarray, grad(perturbed)["layer"]),
+        "b": np.asarray(g["b"]),
+    }
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15), out, expected
+    )
+    expected_norm = np.sqrt(sum(np.sum(g_layer[k] ** 2) for k in ("w", "s")))
+    np.testing.assert_allclose(state.inner_state.gradient_norm, expected_norm, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(SHARPNESS_TRANSFORMS))
+def test_masked_transform_equals_the_transform_on_the_visible_subproblem(name):
+    # Inside optax.masked, a transform acts on the leaves it sees as it would on the loss of
+    # those leaves alone, with the hidden leaves held at their current values.
+    params, loss = _masked_problem()
+    grad = jax.grad(loss)
+    tx = SHARPNESS_TRANSFORMS[name]()
+    masked = optax.masked(tx, {"layer": {"w": True, "s": False}, "b": True})
+
+    def visible(p):
+        return {"w": p["layer"]["w"], "b": p["b"]}
+
+    def sub_grad_fn(q):
+        full = {"layer": {"w": q["w"], "s": params["layer"]["s"]}, "b": q["b"]}
+        return visible(grad(full))
+
+    g = grad(params)
+    expected, expected_state = tx.update(
+        visible(g), tx.init(visible(params)), visible(params), grad_fn=sub_grad_fn
+    )
+    got, state = jax.jit(lambda g, s, p: masked.update(g, s, p, grad_fn=grad, all_params=p))(
+        g, masked.init(params), params
+    )
+    np.testing.assert_allclose(got["layer"]["w"], expected["w"], rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(got["b"], expected["b"], rtol=1e-13, atol=1e-15)
+    np.testing.assert_array_equal(got["layer"]["s"], g["layer"]["s"])  # passed through
+    assert float(state.inner_state.gradient_norm) == float(expected_state.gradient_norm)
+
+
+@pytest.mark.parametrize("name", sorted(SHARPNESS_TRANSFORMS))
+def test_masked_transform_without_all_params_explains_the_fix(name):
+    params, loss = _masked_problem()
+    masked = optax.masked(SHARPNESS_TRANSFORMS[name](), {"layer": True, "b": False})
+    g = jax.grad(loss)(params)
+    with pytest.raises(TypeError, match=r"all_params=params"):
+        masked.update(g, masked.init(params), params, grad_fn=jax.grad(loss))

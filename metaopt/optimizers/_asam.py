@@ -51,9 +51,12 @@ def scale_by_asam(
     _common.check_nonnegative("rho", rho, "The paper uses rho between 0.5 and 2.")
     _common.check_nonnegative("eta", eta, "The paper uses eta=0.01.")
 
-    def update_fn(updates, state, params=None, *, grad_fn: GradFn | None = None, **extra_args):
+    def update_fn(
+        updates, state, params=None, *, grad_fn: GradFn | None = None, all_params=None, **extra_args
+    ):
         del extra_args
         _common.require_grad_fn("scale_by_asam", grad_fn, params)
+        grad_fn = _common.gradient_function("scale_by_asam", grad_fn, params, all_params)
         rho_t = _common.value_at(rho, state.count)
         eta_t = _common.value_at(eta, state.count)
         direction = _common.mean_over_axis(updates, axis_name)
@@ -100,4 +103,5 @@ def asam(
     Returns:
       An ``optax.GradientTransformationExtraArgs``; call ``update(..., grad_fn=...)``.
     """
+    _common.check_transform("base_optimizer", base_optimizer)
     return optax.chain(scale_by_asam(rho, eta, axis_name=axis_name), base_optimizer)

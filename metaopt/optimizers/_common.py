@@ -35,6 +35,60 @@ def _concrete(value: Any) -> float | None:
     return None
 
 
+def _is_number_like(value: Any) -> bool:
+    """True for a real number, a real-valued array (concrete or traced) or a schedule."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, numbers.Real):
+        return True
+    if isinstance(value, np.ndarray | np.generic):
+        return value.dtype.kind in "iuf"
+    if isinstance(value, jax.Array):  # concrete arrays and tracers alike
+        return bool(
+            jnp.issubdtype(value.dtype, jnp.integer) or jnp.issubdtype(value.dtype, jnp.floating)
+        )
+    return callable(value) and not isinstance(value, type)
+
+
+def check_number(name: str, value: Any, *, optional: bool = False, fix: str = "") -> None:
+    """Raises TypeError unless ``value`` is a real number, a real array or a schedule.
+
+    Accepted: Python ``int``/``float``, NumPy and JAX scalars and arrays of integer or floating
+    dtype (traced ones included, as ``optax.inject_hyperparams`` and ``jax.grad`` pass them) and
+    callables (schedules of the step count). Rejected with a message that names the argument:
+    strings, ``bool``, complex numbers, ``None`` (unless ``optional``) and anything else, which
+    would otherwise only fail at the first update with an error that does not name it.
+    """
+    if value is None and optional:
+        return
+    if _is_number_like(value):
+        return
+    hint = ""
+    if isinstance(value, str):
+        try:
+            hint = f" Pass the number itself, {name}={float(value)!r}, not a string."
+        except ValueError:
+            hint = " Pass a number, not a string."
+    elif isinstance(value, bool):
+        hint = " A bool is not a valid value here; pass a number."
+    elif value is None:
+        hint = " None is not allowed for this argument; pass a number."
+    extra = f" {fix}" if fix else ""
+    raise TypeError(
+        f"{name} must be a real number, a real-valued array or a schedule (a function of the "
+        f"step count), got {name}={value!r} of type {type(value).__name__}.{hint}{extra}"
+    )
+
+
+def check_number_or_numbers(name: str, value: Any) -> None:
+    """Like :func:`check_number` (None allowed) for arguments that may also be a sequence."""
+    if isinstance(value, list | tuple):
+        for entry in value:
+            check_number(name, entry)
+    else:
+        check_number(name, value, optional=True)
+
+
 def check_range(
     name: str,
     value: Any,
@@ -46,8 +100,11 @@ def check_range(
 ) -> None:
     """Raises ValueError when a concrete ``value`` lies outside ``[low, high)`` (or ``]``).
 
-    Traced arrays and schedules are not checked here: their values are only known at run time.
+    Raises TypeError (see :func:`check_number`) when ``value`` is not a number, an array or a
+    schedule. Traced arrays and schedules are not range-checked here: their values are only
+    known at run time.
     """
+    check_number(name, value, fix=fix)
     v = _concrete(value)
     if v is None:
         return
@@ -59,16 +116,39 @@ def check_range(
 
 
 def check_nonnegative(name: str, value: Any, fix: str = "") -> None:
-    """Raises ValueError when a concrete ``value`` is negative or NaN."""
-    check_range(name, value, 0.0, float("inf"), high_inclusive=True, fix=fix)
+    """Raises ValueError when a concrete ``value`` is negative, infinite or NaN.
+
+    Raises TypeError when it is not a number, an array or a schedule (see :func:`check_number`).
+    """
+    check_number(name, value, fix=fix)
+    v = _concrete(value)
+    if v is not None and not 0.0 <= v < float("inf"):
+        hint = f" {fix}" if fix else ""
+        raise ValueError(f"{name} must be finite and >= 0, got {name}={value!r}.{hint}")
 
 
 def check_positive(name: str, value: Any, fix: str = "") -> None:
-    """Raises ValueError when a concrete ``value`` is not strictly positive."""
+    """Raises ValueError when a concrete ``value`` is not strictly positive and finite.
+
+    Raises TypeError when it is not a number, an array or a schedule (see :func:`check_number`).
+    """
+    check_number(name, value, fix=fix)
     v = _concrete(value)
-    if v is not None and not v > 0:
+    if v is not None and not 0.0 < v < float("inf"):
         hint = f" {fix}" if fix else ""
-        raise ValueError(f"{name} must be positive, got {name}={value!r}.{hint}")
+        raise ValueError(f"{name} must be finite and > 0, got {name}={value!r}.{hint}")
+
+
+def check_transform(name: str, value: Any) -> None:
+    """Raises TypeError unless ``value`` is an optax transform (has ``init`` and ``update``)."""
+    if callable(getattr(value, "init", None)) and callable(getattr(value, "update", None)):
+        return
+    instead = f", not {value!r}" if isinstance(value, str) else ""
+    raise TypeError(
+        f"{name} must be an optax GradientTransformation, got {name}={value!r} of type "
+        f"{type(value).__name__}. Pass the optimizer itself, for example "
+        f"{name}=optax.adam(1e-3){instead}."
+    )
 
 
 def check_steps(name: str, value: Any) -> None:
@@ -78,6 +158,11 @@ def check_steps(name: str, value: Any) -> None:
     """
     if value is None:
         return
+    if isinstance(value, str) or callable(value):
+        raise TypeError(
+            f"{name} must be None or a positive integer number of steps, got {name}={value!r} "
+            f"of type {type(value).__name__}."
+        )
     v = _concrete(value)
     if (
         isinstance(value, bool)
@@ -94,14 +179,16 @@ def global_norm(tree: Any) -> jax.Array:
     """Euclidean norm of all leaves of ``tree`` together, with a finite derivative at zero.
 
     ``jnp.sqrt`` has an infinite derivative at 0, so the plain norm gives NaN when
-    differentiated at a zero gradient; here the derivative there is zero instead.
+    differentiated at a zero gradient; here the derivative there is zero instead
+    (:func:`safe_sqrt`). A NaN or an infinity in any leaf gives a NaN or an infinite norm: the
+    norm is a diagnostic, and a non-finite gradient must show in it. Leaves are summed in at
+    least float32.
     """
     leaves = jax.tree.leaves(tree)
     squared = sum(
         jnp.sum(jnp.square(x.astype(jnp.promote_types(x.dtype, jnp.float32)))) for x in leaves
     )
-    positive = squared > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
+    return safe_sqrt(jnp.asarray(squared))
 
 
 @jax.custom_jvp
@@ -163,6 +250,48 @@ def require_grad_fn(algorithm: str, grad_fn: Any, params: Any) -> None:
             f"{algorithm}.update needs params (the current parameters) to place the perturbed "
             f"point; call update(grads, state, params, grad_fn=...)."
         )
+
+
+def _is_masked_node(x: Any) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
+def gradient_function(algorithm: str, grad_fn: Any, params: Any, all_params: Any) -> Any:
+    """The function a sharpness-aware transform evaluates gradients with.
+
+    Outside ``optax.masked`` and ``optax.multi_transform`` it is ``grad_fn`` itself. Inside, the
+    transform sees only its part of the parameters (``optax.MaskedNode`` elsewhere), while
+    ``grad_fn`` needs the whole tree: the returned function puts the (perturbed) visible part
+    into ``all_params``, calls ``grad_fn`` there and keeps the visible part of the gradient, so
+    the parameters outside the mask stay at their current values and are not perturbed.
+    """
+    if not any(_is_masked_node(x) for x in jax.tree.leaves(params, is_leaf=_is_masked_node)):
+        return grad_fn
+    if all_params is None or any(
+        _is_masked_node(x) for x in jax.tree.leaves(all_params, is_leaf=_is_masked_node)
+    ):
+        raise TypeError(
+            f"{algorithm} received params with optax.MaskedNode in place of some leaves: it runs "
+            f"inside optax.masked or optax.multi_transform, which hide the other parameters from "
+            f"it, but grad_fn needs all of them. Pass the whole parameter tree as well: "
+            f"update(grads, state, params, grad_fn=grad_fn, all_params=params) (with "
+            f"optax.masked, leave mask_compatible_extra_args False so all_params is not masked), "
+            f"got all_params={'None' if all_params is None else 'a masked tree'}."
+        )
+
+    def visible_part_of_gradient(visible: Any) -> Any:
+        merged = jax.tree.map(
+            lambda v, a: a if _is_masked_node(v) else v,
+            visible,
+            all_params,
+            is_leaf=_is_masked_node,
+        )
+        gradient = grad_fn(merged)
+        return jax.tree.map(
+            lambda v, g: v if _is_masked_node(v) else g, visible, gradient, is_leaf=_is_masked_node
+        )
+
+    return visible_part_of_gradient
 
 
 def increment(count: jax.Array) -> jax.Array:

@@ -66,9 +66,12 @@ def scale_by_gam(
         _common.check_nonnegative("rho", rho)
         _common.check_positive("fd_radius", fd_radius, "Pass None to use rho as the step.")
 
-    def update_fn(updates, state, params=None, *, grad_fn: GradFn | None = None, **extra_args):
+    def update_fn(
+        updates, state, params=None, *, grad_fn: GradFn | None = None, all_params=None, **extra_args
+    ):
         del extra_args
         _common.require_grad_fn("scale_by_gam", grad_fn, params)
+        grad_fn = _common.gradient_function("scale_by_gam", grad_fn, params, all_params)
         rho_t = _common.value_at(rho, state.count)
         alpha_t = _common.value_at(alpha, state.count)
         radius = rho_t if fd_radius is None else _common.value_at(fd_radius, state.count)
@@ -132,6 +135,7 @@ def gam(
     Returns:
       An ``optax.GradientTransformationExtraArgs``; call ``update(..., grad_fn=...)``.
     """
+    _common.check_transform("base_optimizer", base_optimizer)
     return optax.chain(
         scale_by_gam(rho, alpha, fd_radius=fd_radius, axis_name=axis_name), base_optimizer
     )

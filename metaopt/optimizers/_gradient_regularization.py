@@ -80,9 +80,14 @@ def scale_by_gradient_regularization(
             f"'forward' (F-GR) is the paper's recommended choice."
         )
 
-    def update_fn(updates, state, params=None, *, grad_fn: GradFn | None = None, **extra_args):
+    def update_fn(
+        updates, state, params=None, *, grad_fn: GradFn | None = None, all_params=None, **extra_args
+    ):
         del extra_args
         _common.require_grad_fn("scale_by_gradient_regularization", grad_fn, params)
+        grad_fn = _common.gradient_function(
+            "scale_by_gradient_regularization", grad_fn, params, all_params
+        )
         gamma_t = _common.value_at(gamma, state.count)
         epsilon_t = _common.value_at(epsilon, state.count)
         g = _common.mean_over_axis(updates, axis_name)
@@ -148,6 +153,7 @@ def gradient_regularization(
     Returns:
       An ``optax.GradientTransformationExtraArgs``; call ``update(..., grad_fn=...)``.
     """
+    _common.check_transform("base_optimizer", base_optimizer)
     return optax.chain(
         scale_by_gradient_regularization(
             gamma, epsilon, direction=direction, normalize=normalize, axis_name=axis_name

@@ -88,9 +88,12 @@ def scale_by_sam(
     """
     _common.check_nonnegative("rho", rho, "The paper uses rho between 0.01 and 0.5.")
 
-    def update_fn(updates, state, params=None, *, grad_fn: GradFn | None = None, **extra_args):
+    def update_fn(
+        updates, state, params=None, *, grad_fn: GradFn | None = None, all_params=None, **extra_args
+    ):
         del extra_args
         _common.require_grad_fn("scale_by_sam", grad_fn, params)
+        grad_fn = _common.gradient_function("scale_by_sam", grad_fn, params, all_params)
         rho_t = _common.value_at(rho, state.count)
         direction = _common.mean_over_axis(updates, axis_name)
         norm = _common.global_norm(direction)
@@ -135,4 +138,5 @@ def sam(
       An ``optax.GradientTransformationExtraArgs``; call ``update(grads, state, params,
       grad_fn=...)``.
     """
+    _common.check_transform("base_optimizer", base_optimizer)
     return optax.chain(scale_by_sam(rho, axis_name=axis_name), base_optimizer)

@@ -95,3 +95,28 @@ def test_rank_deficient_float32_sharded_equals_unsharded(shape, block_size, spec
         expected, expected_state = step(g, expected_state)
         scale = float(jnp.max(jnp.abs(expected)))
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * scale)
+
+
+def test_non_finite_gradient_is_skipped_and_counted():
+    rng = np.random.default_rng(3)
+    params = {"w": jnp.zeros((40, 48)), "b": jnp.zeros(48)}
+    grads = [
+        jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape)), params) for _ in range(8)
+    ]
+    bad = {"w": grads[2]["w"].at[5, 7].set(jnp.nan), "b": grads[2]["b"]}
+    tx = metaopt.scale_by_soap(preconditioning_frequency=2)
+    step = jax.jit(tx.update)
+    with_nan, state = [], tx.init(params)
+    for g in [*grads[:2], bad, *grads[3:]]:
+        u, state = step(g, state)
+        with_nan.append(u)
+    without, clean_state = [], tx.init(params)
+    for g in grads[:2] + grads[3:]:
+        u, clean_state = step(g, clean_state)
+        without.append(u)
+    assert int(state.skipped_steps) == 1 and int(clean_state.skipped_steps) == 0
+    assert int(state.count) == int(clean_state.count) == 7
+    for leaf in jax.tree.leaves(with_nan[2]):  # the skipped step moves nothing
+        np.testing.assert_array_equal(leaf, 0.0)
+    for got, expected in zip(with_nan[:2] + with_nan[3:], without, strict=True):
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), got, expected)

@@ -34,7 +34,7 @@ class ScaleBySOAPState(NamedTuple):
     layout; ``transform_non_params`` receives each of these trees whole.
 
     Attributes:
-      count: steps taken (int32).
+      count: steps taken (int32); a skipped step (non-finite gradient) does not count.
       mu: first moment, in the parameters' own coordinates (like the parameters).
       nu: second moment in the rotated coordinates, a tree with the parameters' structure:
         for a preconditioned tensor in block layout ``[*block_grid, *block_shape]``, otherwise
@@ -45,6 +45,7 @@ class ScaleBySOAPState(NamedTuple):
         axis.
       eigenbases: their (approximate) eigenvectors, same layout, columns by decreasing
         eigenvalue.
+      skipped_steps: steps skipped because the gradient was not finite (int32).
     """
 
     count: jax.Array
@@ -52,6 +53,7 @@ class ScaleBySOAPState(NamedTuple):
     nu: Any
     statistics: Any
     eigenbases: Any
+    skipped_steps: jax.Array
 
 
 def scale_by_soap(
@@ -82,6 +84,14 @@ def scale_by_soap(
     :math:`Q \leftarrow \mathrm{QR}(L Q)`, after sorting the columns (and ``v`` with them) by the
     estimated eigenvalues :math:`\mathrm{diag}(Q^\top L Q)`, as in the paper's implementation.
     Tensors with no preconditioned axis (vectors by default) get plain Adam.
+
+    Two guards against numerical trouble. A rotated coordinate whose second moment is at the
+    level of the rotations' round-off (below :math:`(32\,\epsilon_{\mathrm{mach}})^2` times
+    the largest in its block) takes no step: its gradient is zero up to round-off (a
+    rank-deficient gradient, or the off-diagonal of the first rotated gradient), and Adam's
+    division would make that round-off a step as large as the real ones. A step whose gradient
+    is not finite is skipped (zero update, state unchanged, ``skipped_steps`` counts it), since
+    one NaN would otherwise stay in the statistics and moments for good.
 
     Differences from the paper's code, both deliberate: the first step already takes an Adam
     step in the new basis (the reference implementation only initializes the statistics), and
@@ -149,9 +159,22 @@ def scale_by_soap(
             nu=nu,
             statistics=statistics,
             eigenbases=bases,
+            skipped_steps=jnp.zeros([], jnp.int32),
         )
 
     def update_fn(updates, state, params=None):
+        # One NaN or Inf would stay in the statistics and moments for good (every later basis
+        # and step NaN): such a step is skipped whole, with a zero update, and counted.
+        leaves = jax.tree.leaves(updates)
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in leaves] or [True]))
+
+        def skip_step():
+            zeros = jax.tree.map(jnp.zeros_like, updates)
+            return zeros, state._replace(skipped_steps=_common.increment(state.skipped_steps))
+
+        return jax.lax.cond(finite, lambda: _step(updates, state, params), skip_step)
+
+    def _step(updates, state, params):
         if params is not None:
             check_matching("updates", updates, "params", params)
         check_matching("updates", updates, "state.mu", state.mu, hint=STATE_FOR_OTHER_PARAMS)
@@ -227,6 +250,7 @@ def scale_by_soap(
             nu=jax.tree.unflatten(treedef, new_nu),
             statistics=jax.tree.unflatten(treedef, new_statistics),
             eigenbases=jax.tree.unflatten(treedef, new_bases),
+            skipped_steps=state.skipped_steps,
         )
         return jax.tree.unflatten(treedef, directions), new_state
 

@@ -307,6 +307,9 @@ def test_global_norm_matches_numpy_and_has_zero_derivative_at_zero():
     assert np.all(np.isfinite(jax.hessian(global_norm)(zero)))
     assert np.isnan(global_norm({"a": jnp.array([1.0, np.nan])}))
     assert global_norm({"a": jnp.array([1.0, -np.inf])}) == np.inf
+    # Large finite entries do not overflow in float32 (their squares would).
+    huge = {"a": jnp.array([3e30, -4e30], jnp.float32), "b": jnp.zeros(2, jnp.bfloat16)}
+    np.testing.assert_allclose(float(global_norm(huge)), 5e30, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -468,3 +471,27 @@ def test_masked_transform_without_all_params_explains_the_fix(name):
     g = jax.grad(loss)(params)
     with pytest.raises(TypeError, match=r"all_params=params"):
         masked.update(g, masked.init(params), params, grad_fn=jax.grad(loss))
+
+
+@pytest.mark.parametrize("name", ["sam", "asam"])
+def test_huge_float32_gradient_keeps_the_perturbation(name):
+    # The squares of 1e30 overflow float32; the norm used to be inf, which silently dropped the
+    # perturbation (SAM's gradient was then the plain gradient at the unperturbed point).
+    tx = SHARPNESS_TRANSFORMS[name]()
+    params = jnp.array([1.0, -2.0, 0.5], jnp.float32)
+    huge = jnp.array([1e30, 0.0, -1e30], jnp.float32)
+    seen = []
+
+    def grad_fn(p):
+        seen.append(p)
+        return huge
+
+    _, state = tx.update(huge, tx.init(params), params, grad_fn=grad_fn)
+    np.testing.assert_allclose(float(state.gradient_norm), np.sqrt(2.0) * 1e30, rtol=1e-6)
+    p64, direction = np.asarray(params, np.float64), np.array([1.0, 0.0, -1.0])
+    if name == "sam":
+        expected = p64 + 0.05 * direction / np.sqrt(2.0)
+    else:  # ASAM with rho 0.5, eta 0.01: eps = rho T^2 g / |T g|
+        t = np.abs(p64) + 0.01
+        expected = p64 + 0.5 * t**2 * direction / np.linalg.norm(t * direction)
+    np.testing.assert_allclose(seen[0], expected, rtol=1e-6)

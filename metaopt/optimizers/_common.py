@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import numbers
 import os
 import warnings
@@ -180,15 +181,21 @@ def global_norm(tree: Any) -> jax.Array:
 
     ``jnp.sqrt`` has an infinite derivative at 0, so the plain norm gives NaN when
     differentiated at a zero gradient; here the derivative there is zero instead
-    (:func:`safe_sqrt`). A NaN or an infinity in any leaf gives a NaN or an infinite norm: the
+    (:func:`safe_sqrt`). A NaN in any leaf gives a NaN norm and an infinity an infinite one: the
     norm is a diagnostic, and a non-finite gradient must show in it. Leaves are summed in at
-    least float32.
+    least float32, after division by the largest magnitude, so the squares of large finite
+    entries do not overflow (float32 squares overflow above about 1.8e19).
     """
-    leaves = jax.tree.leaves(tree)
-    squared = sum(
-        jnp.sum(jnp.square(x.astype(jnp.promote_types(x.dtype, jnp.float32)))) for x in leaves
+    leaves = [x.astype(jnp.promote_types(x.dtype, jnp.float32)) for x in jax.tree.leaves(tree)]
+    if not leaves:
+        return jnp.zeros([], jnp.float32)
+    # The scale is a constant for differentiation: the norm does not depend on it.
+    scale = jax.lax.stop_gradient(
+        functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x), initial=0.0) for x in leaves])
     )
-    return safe_sqrt(jnp.asarray(squared))
+    safe_scale = jnp.where((scale > 0) & (scale < jnp.inf), scale, 1.0)
+    squared = sum(jnp.sum(jnp.square(x / safe_scale.astype(x.dtype))) for x in leaves)
+    return jnp.where(scale == jnp.inf, scale, safe_scale * safe_sqrt(squared))
 
 
 @jax.custom_jvp

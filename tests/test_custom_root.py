@@ -305,6 +305,90 @@ def test_custom_fixed_point_square_root_and_gradient_step():
     np.testing.assert_allclose(got, expected, rtol=1e-6)
 
 
+# ----------------------------------------------------------------------------- non-JAX solvers
+def _numpy_ridge(init, penalty, x, y):
+    """Ridge by NumPy conjugate gradients in a Python loop that stops early: not JAX code."""
+    x, y, penalty = np.asarray(x), np.asarray(y), np.asarray(penalty)
+    a = x.T @ x + np.diag(np.broadcast_to(penalty, (x.shape[1],)))
+    w = np.zeros(x.shape[1]) if init is None else np.array(init, dtype=np.float64)
+    r = x.T @ y - a @ w
+    p = r.copy()
+    while np.linalg.norm(r) > 1e-13 * np.linalg.norm(x.T @ y):
+        alpha = (r @ r) / (p @ a @ p)
+        w, r_next = w + alpha * p, r - alpha * (a @ p)
+        p, r = r_next + (r_next @ r_next) / (r @ r) * p, r_next
+    return w
+
+
+@pytest.mark.parametrize("per_feature", [False, True])
+def test_numpy_solver_outside_jit(per_feature):
+    x, y, x_val, y_val = regression_data(seed=11)
+    penalty = jnp.linspace(0.5, 3.0, 6) if per_feature else jnp.asarray(1.7)
+    solve = custom_root(ridge_optimality, solve=CG(tol=1e-12))(_numpy_ridge)
+
+    def outer(p):
+        return _validation_loss(solve(jnp.zeros(6), p, x, y), x_val, y_val)
+
+    expected = jax.grad(lambda p: _validation_loss(_closed_form_ridge(p, x, y), x_val, y_val))
+    np.testing.assert_allclose(jax.grad(outer)(penalty), expected(penalty), rtol=1e-8)
+    # Forward mode, and the derivative with respect to the data, through the same NumPy code.
+    exact = jax.jacfwd(_closed_form_ridge, argnums=(0, 1))(penalty, x, y)
+    got = jax.jacfwd(solve, argnums=(1, 2))(jnp.zeros(6), penalty, x, y)
+    for g, e in zip(got, exact, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-8, atol=1e-12)
+    # jaxopt's convention: no initial point when the solver does not need one.
+    np.testing.assert_allclose(
+        jax.grad(lambda p: jnp.sum(solve(None, p, x, y)))(penalty),
+        jax.grad(lambda p: jnp.sum(_closed_form_ridge(p, x, y)))(penalty),
+        rtol=1e-8,
+    )
+
+
+def test_numpy_fixed_point_solver_outside_jit():
+    # Heron's iteration in plain Python floats, stopped when it no longer moves.
+    def heron(s, t):
+        return 0.5 * (s + t / s)
+
+    @custom_fixed_point(heron)
+    def square_root(init, t):
+        s, t = float(init), float(t)
+        while abs(heron(s, t) - s) > 1e-15 * s:
+            s = heron(s, t)
+        return np.asarray(s)
+
+    t = jnp.asarray(7.0)
+    np.testing.assert_allclose(jax.grad(square_root, argnums=1)(1.0, t), 0.5 / np.sqrt(7.0))
+    np.testing.assert_allclose(
+        jax.jacfwd(jax.grad(square_root, argnums=1), argnums=1)(1.0, t), -0.25 * 7.0**-1.5
+    )
+
+
+def test_numpy_solver_under_jit_and_vmap_through_pure_callback():
+    x, y, x_val, y_val = regression_data(seed=12)
+
+    @custom_root(ridge_optimality, solve=CG(tol=1e-12))
+    def solve(init, p, x, y):
+        shape = jax.ShapeDtypeStruct(init.shape, init.dtype)
+        return jax.pure_callback(_numpy_ridge, shape, init, p, x, y, vmap_method="sequential")
+
+    def outer(p):
+        return _validation_loss(solve(jnp.zeros(6), p, x, y), x_val, y_val)
+
+    def outer_exact(p):
+        return _validation_loss(_closed_form_ridge(p, x, y), x_val, y_val)
+
+    penalties = jnp.array([0.3, 1.0, 2.5])
+    np.testing.assert_allclose(
+        jax.jit(jax.vmap(jax.grad(outer)))(penalties),
+        jax.vmap(jax.grad(outer_exact))(penalties),
+        rtol=1e-8,
+    )
+    # Without the callback, jit hands the NumPy solver tracers, as it would to any function.
+    plain = custom_root(ridge_optimality)(_numpy_ridge)
+    with pytest.raises(jax.errors.TracerArrayConversionError):
+        jax.jit(lambda p: plain(jnp.zeros(6), p, x, y))(1.0)
+
+
 # ----------------------------------------------------------------------------- failure policy
 def _capped(on_failure, solve=None):
     """Ridge with an ill-conditioned design and a linear solve capped far below convergence."""
@@ -382,6 +466,66 @@ def test_bad_configuration_is_rejected():
 
     with pytest.raises(ValueError, match="shaped like the solution"):
         wrong(jnp.zeros(3), 1.0)
+
+
+@pytest.mark.parametrize("on_failure", ["ignore", "warn"])
+def test_nan_outer_loss_gives_nan_hypergradient(on_failure):
+    # A NaN in the validation data makes the outer loss and its gradient NaN; the implicit
+    # hypergradient used to come back as exactly 0.0 (the adjoint solve returned its zero start).
+    import optax
+
+    from metaopt import bilevel
+
+    x, y, x_val, y_val = regression_data(seed=13)
+    y_val = y_val.at[3].set(jnp.nan)
+
+    def inner(w, log_penalty):
+        return 0.5 * jnp.sum((x @ w - y) ** 2) + 0.5 * jnp.exp(log_penalty) * jnp.sum(w**2)
+
+    def outer(log_penalty, solver=None):
+        w, _ = bilevel.solve(
+            inner,
+            jnp.zeros(6),
+            log_penalty,
+            optimizer=optax.sgd(0.004),
+            steps=3000,
+            tol=1e-9,
+            diff=bilevel.Implicit(solver or CG(tol=1e-10), on_failure=on_failure),
+        )
+        return _validation_loss(w, x_val, y_val)
+
+    def run(**kwargs):
+        return jax.block_until_ready(jax.grad(lambda p: outer(p, **kwargs))(jnp.asarray(0.0)))
+
+    if on_failure == "warn":
+        with pytest.warns(ImplicitDifferentiationWarning, match="relative_residual=nan"):
+            assert np.isnan(run())
+    else:
+        assert np.isnan(run())
+        # The same with a direct and another Krylov solver.
+        assert np.isnan(run(solver=Dense())) and np.isnan(run(solver=MINRES()))
+
+    # custom_root alone, in forward mode too: a NaN tangent gives a NaN derivative.
+    solve = _ridge_solver()
+    tangent = jnp.full(6, jnp.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ImplicitDifferentiationWarning)
+        assert np.all(
+            np.isnan(jax.jvp(lambda p: solve(jnp.zeros(6), p, x, y), (jnp.ones(6),), (tangent,))[1])
+        )
+
+
+def test_optimality_dtype_differing_from_the_solution_is_named():
+    # A float64 constant promotes a float32 solution's residual: the error must say so.
+    scale = jnp.asarray(2.0, jnp.float64)
+
+    @custom_root(lambda x, t: {"w": scale * x["w"] - t, "b": x["b"] - t.astype(jnp.float32)})
+    def solve(init, t):
+        return {"w": (t / 2).astype(jnp.float32), "b": t.astype(jnp.float32)}
+
+    init = {"w": jnp.zeros(3, jnp.float32), "b": jnp.zeros(3, jnp.float32)}
+    with pytest.raises(TypeError, match=r"float64 for \['w'\], whose solution is float32"):
+        jax.grad(lambda t: jnp.sum(solve(init, t)["w"]))(jnp.ones(3, jnp.float32))
 
 
 def test_failure_report_runs_once_per_batch_and_never_on_success():

@@ -170,3 +170,27 @@ def test_solvers_vmap_over_right_hand_sides():
 def test_bad_configuration_names_the_argument(make, name):
     with pytest.raises(ValueError, match=name):
         make()
+
+
+ALL_SOLVERS = {
+    **SPD_SOLVERS,
+    "cg_fixed": CG(maxiter=8, fixed_iterations=True),
+    "neumann": Neumann(steps=8, scale=0.01),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ALL_SOLVERS))
+@pytest.mark.parametrize("where", ["rhs", "operator"])
+def test_non_finite_input_gives_nan_not_a_plausible_solution(name, where):
+    # A NaN right-hand side (a NaN outer loss) used to stop the Krylov loops at once and return
+    # their zero starting point, which reads as a valid derivative.
+    matrix = jnp.asarray(_spd(6, seed=17))
+    rhs = jnp.asarray(np.random.default_rng(18).normal(size=6))
+    if where == "rhs":
+        rhs = rhs.at[2].set(jnp.nan)
+        matvec = lambda v: matrix @ v
+    else:
+        matvec = lambda v: (matrix @ v).at[4].multiply(jnp.inf)
+    x, info = jax.jit(lambda b: ALL_SOLVERS[name](matvec, b))(rhs)
+    assert np.all(np.isnan(x)), x
+    assert not bool(info.converged) and not np.isfinite(float(info.relative_residual))

@@ -2,41 +2,44 @@
 
 The derivative of a solution :math:`x^\\star(\\theta)` of :math:`F(x^\\star, \\theta) = 0` follows
 from the implicit function theorem, :math:`\\partial_x F\\, \\dot x = -\\partial_\\theta F\\,
-\\dot\\theta`, without differentiating the solver's iterations. The rule is written as a JVP
-whose linear solve is a ``lax.custom_linear_solve``: JAX transposes it for reverse mode, so
-forward mode, reverse mode, higher derivatives, ``vmap`` and ``jit`` all come from one rule.
+\\dot\\theta`, without differentiating the solver's iterations. The solver runs first, on the
+primal values only; its solution then passes through a ``custom_jvp`` identity whose JVP is that
+rule, with the linear solve written as a ``lax.custom_linear_solve``. JAX transposes it for reverse
+mode, so forward mode, reverse mode, higher derivatives, ``vmap`` and ``jit`` all come from one
+rule, and the solver itself may be any code (NumPy or SciPy included, outside ``jit``).
 """
 
 from __future__ import annotations
 
 import functools
-import warnings
+import inspect
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from metaopt.implicit import _linear_solve_info as lsi
 from metaopt.implicit._cg import CG
+from metaopt.implicit._failure import POLICIES, OnFailure, apply_policy
+from metaopt.implicit._failure import (
+    ImplicitDifferentiationWarning as ImplicitDifferentiationWarning,
+)
+from metaopt.implicit._failure import call_host_on_failure as call_host_on_failure
+from metaopt.implicit._failure import raise_or_warn as raise_or_warn
 from metaopt.implicit._gmres import GMRES
-from metaopt.implicit._linear_solve_info import LinearSolveInfo, LinearSolver
+from metaopt.implicit._linear_solve_info import LinearSolver, as_linear_solver
 
-OnFailure = Literal["warn", "nan", "raise", "ignore"]
-_POLICIES = ("warn", "nan", "raise", "ignore")
-
-
-class ImplicitDifferentiationWarning(RuntimeWarning):
-    """The linear solve of an implicit derivative did not converge or met negative curvature."""
+SolveArgument = LinearSolver | Callable[..., Any] | None
 
 
 def custom_root(
     optimality_fn: Callable[..., Any],
-    solve: LinearSolver | None = None,
+    solve: SolveArgument = None,
     *,
     has_aux: bool = False,
     on_failure: OnFailure = "warn",
+    reference_signature: Callable[..., Any] | inspect.Signature | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     r"""Decorates a solver so its output is differentiated by the implicit function theorem.
 
@@ -50,16 +53,28 @@ def custom_root(
        \partial_\theta x^\star = -\left(\partial_x F(x^\star, \theta)\right)^{-1}
        \partial_\theta F(x^\star, \theta),
 
-    computed matrix-free with ``solve`` (a :mod:`metaopt.implicit` linear solver; :class:`CG`
-    by default, right when :math:`F` is the gradient of a strictly convex objective, whose
-    Jacobian is a symmetric positive definite Hessian). The solver's iterations are never
-    differentiated, so it may use ``while_loop``, early stopping or any non-differentiable code.
+    computed matrix-free with ``solve`` (:class:`CG` by default, right when :math:`F` is the
+    gradient of a strictly convex objective, whose Jacobian is a symmetric positive definite
+    Hessian).
+
+    The solver is called once, on the primal values of its arguments (their derivatives are
+    stopped), and is never traced for differentiation: it may use ``while_loop``, a Python loop
+    that stops early, NumPy or SciPy. Outside ``jit`` its arguments are concrete arrays, so a
+    NumPy solver works with ``jax.grad``, ``jax.jvp`` and ``jax.jacobian``. Under ``jit`` or
+    ``vmap`` the solver receives tracers, as any function does: wrap a NumPy solver in
+    ``jax.pure_callback`` there (see the implicit differentiation guide). Such a solver must
+    receive its hyperparameters as arguments; ``optimality_fn`` must be JAX code.
+
+    Arguments follow jaxopt's conventions: the call is bound to the solver's signature (defaults
+    of positional parameters included) and ``optimality_fn`` receives the same arguments after
+    the first, positional ones by position and keyword-only ones by name. ``init`` may be None
+    when the solver does not use it.
 
     What works: ``jax.grad``/``jax.vjp`` (reverse mode), ``jax.jvp``/``jax.jacfwd`` (forward
     mode), second derivatives (``grad`` of ``grad``, Hessians), ``jit``, ``vmap`` of the
     solver, and ``grad`` of a ``vmap`` whose hyperparameters are not batched. Hyperparameters
-    may be passed as arguments or closed over by ``optimality_fn`` and the solver: closed-over
-    traced values are found and differentiated too. ``aux`` is not differentiated.
+    may be passed as arguments or closed over by ``optimality_fn``: closed-over traced values
+    are found and differentiated too. ``aux`` is not differentiated.
 
     The derivative with respect to ``init`` is zero by construction: :math:`x^\star` does not
     depend on where the solver started (if it does, the solver has not converged, and the
@@ -69,7 +84,8 @@ def custom_root(
     negative curvature, ``on_failure`` decides: ``"warn"`` (default; an
     :class:`ImplicitDifferentiationWarning` at run time, derivative returned as computed),
     ``"nan"`` (the derivative is NaN, so it cannot be used unknowingly), ``"raise"`` (a runtime
-    error from the computation) or ``"ignore"``.
+    error from the computation) or ``"ignore"``. A non-finite cotangent or tangent (a NaN
+    outer loss) gives a NaN derivative under every policy.
 
     Example: the minimizer of :math:`\tfrac12\lVert x\rVert^2 - \theta^\top x` is
     :math:`x^\star = \theta`, so :math:`\partial x^\star/\partial\theta = I`:
@@ -92,42 +108,49 @@ def custom_root(
       <https://arxiv.org/abs/2105.15183>`_, NeurIPS 2022.
 
     Args:
-      optimality_fn: :math:`F(x, *args, **kwargs)`, zero at the solution, same structure as
-        :math:`x`.
-      solve: linear solver for :math:`\partial_x F`; :class:`CG` if None.
+      optimality_fn: :math:`F(x, *args, **kwargs)`, zero at the solution, same structure and
+        dtypes as :math:`x`.
+      solve: linear solver for :math:`\partial_x F`: a :mod:`metaopt.implicit` solver
+        (:class:`CG` if None), or a jaxopt-style function ``solve(matvec, b) -> x`` such as
+        ``jaxopt.linear_solve.solve_cg``, whose solution counts as failed only when it is not
+        finite (it reports no tolerance).
       has_aux: the solver returns ``(x_star, aux)``.
       on_failure: ``"warn"``, ``"nan"``, ``"raise"`` or ``"ignore"``.
+      reference_signature: jaxopt's argument, accepted so jaxopt programs run unchanged: a
+        function (or ``inspect.Signature``) that ``optimality_fn``'s arguments must fit; a call
+        that does not fit raises a TypeError before anything is solved.
 
     Returns:
       A decorator for ``solver(init, *args, **kwargs)``.
     """
-    linear_solver = CG() if solve is None else solve
-    if not callable(linear_solver):
-        raise TypeError(
-            f"solve must be a linear solver such as metaopt.implicit.CG(), got solve={solve!r}."
-        )
-    if on_failure not in _POLICIES:
-        raise ValueError(f"on_failure must be one of {_POLICIES}, got on_failure={on_failure!r}.")
+    linear_solver = linear_solver_of(solve, CG)
+    check_policy(on_failure)
+    reference = None if reference_signature is None else _signature_of(reference_signature)
 
     def decorator(solver: Callable[..., Any]) -> Callable[..., Any]:
+        signature = _signature_or_none(solver)
+
         @functools.wraps(solver)
-        def wrapped(init, *args, **kwargs):
-            keys = tuple(sorted(kwargs))
-            values = tuple(kwargs[k] for k in keys)
-
-            def residual(x, args, values):
-                return optimality_fn(x, *args, **dict(zip(keys, values, strict=True)))
-
-            def solve_fn(init, args, values):
-                return solver(init, *args, **dict(zip(keys, values, strict=True)))
-
-            # Closed-over traced values become explicit inputs, so they are differentiated
-            # through the optimality condition like arguments (custom_jvp cannot see closures).
-            residual, residual_consts = closure_convert(residual, init, args, values)
-            solve_fn, solver_consts = closure_convert(solve_fn, init, args, values)
-            _check_square(residual, init, args, values, residual_consts)
-            implicit = _implicit_solution(residual, solve_fn, linear_solver, has_aux, on_failure)
-            return implicit(init, args, values, tuple(residual_consts), tuple(solver_consts))
+        def wrapped(*args, **kwargs):
+            args, kwargs = _bind(signature, solver, args, kwargs)
+            if reference is not None:
+                _bind(reference, reference_signature, args, kwargs)
+            # Only the primal values reach the solver: a NumPy solver sees concrete arrays
+            # outside jit, and a JAX solver's iterations are never differentiated.
+            out = solver(*_primal(args), **_primal(kwargs))
+            if has_aux:
+                if not (isinstance(out, tuple) and len(out) == 2):
+                    raise TypeError(
+                        "with has_aux=True the solver must return (solution, aux), got "
+                        f"{type(out).__name__}. Return a pair, or use has_aux=False."
+                    )
+                solution, aux = out
+            else:
+                solution, aux = out, None
+            solution = implicit_solution(
+                optimality_fn, _primal(solution), args[1:], kwargs, linear_solver, on_failure
+            )
+            return (solution, _primal(aux)) if has_aux else solution
 
         return wrapped
 
@@ -136,17 +159,18 @@ def custom_root(
 
 def custom_fixed_point(
     fixed_point_fn: Callable[..., Any],
-    solve: LinearSolver | None = None,
+    solve: SolveArgument = None,
     *,
     has_aux: bool = False,
     on_failure: OnFailure = "warn",
+    reference_signature: Callable[..., Any] | inspect.Signature | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     r"""Decorates a solver of :math:`x^\star = T(x^\star, \theta)` for implicit differentiation.
 
-    Equivalent to :func:`custom_root` with :math:`F(x, \theta) = T(x, \theta) - x`. The
-    Jacobian :math:`\partial_x T - I` is not symmetric in general, so the default linear solver
-    is :class:`GMRES`; when :math:`T` is a gradient step of a convex objective, the system is
-    symmetric and :class:`CG` is cheaper.
+    Equivalent to :func:`custom_root` with :math:`F(x, \theta) = T(x, \theta) - x` (same
+    conventions for arguments, solvers and failures). The Jacobian :math:`\partial_x T - I` is
+    not symmetric in general, so the default linear solver is :class:`GMRES`; when :math:`T` is
+    a gradient step of a convex objective, the system is symmetric and :class:`CG` is cheaper.
 
     Example: :math:`T(x, \theta) = \tfrac12 (x + \theta / x)` has the fixed point
     :math:`\sqrt\theta`, whose derivative is :math:`1/(2\sqrt\theta)`:
@@ -166,6 +190,8 @@ def custom_fixed_point(
       solve: linear solver for :math:`\partial_x T - I`; :class:`GMRES` if None.
       has_aux: the solver returns ``(x_star, aux)``.
       on_failure: ``"warn"``, ``"nan"``, ``"raise"`` or ``"ignore"`` (see :func:`custom_root`).
+      reference_signature: as in :func:`custom_root`; ``fixed_point_fn``'s own signature is
+        the one checked when None.
 
     Returns:
       A decorator for ``solver(init, *args, **kwargs)``.
@@ -176,10 +202,34 @@ def custom_fixed_point(
 
     return custom_root(
         optimality_fn,
-        GMRES() if solve is None else solve,
+        linear_solver_of(solve, GMRES),
         has_aux=has_aux,
         on_failure=on_failure,
+        reference_signature=reference_signature,
     )
+
+
+def implicit_solution(
+    optimality_fn: Callable[..., Any],
+    solution: Any,
+    args: tuple,
+    kwargs: dict,
+    linear_solver: LinearSolver,
+    on_failure: OnFailure,
+) -> Any:
+    """``solution``, differentiated with respect to ``args`` and ``kwargs`` as a root of F."""
+    keys = tuple(sorted(kwargs))
+    values = tuple(kwargs[k] for k in keys)
+
+    def residual(x, args, values):
+        return optimality_fn(x, *args, **dict(zip(keys, values, strict=True)))
+
+    # Closed-over traced values become explicit inputs, so they are differentiated through
+    # the optimality condition like arguments (custom_jvp cannot see closures).
+    residual, consts = closure_convert(residual, solution, args, values)
+    _check_optimality_output(residual, solution, args, values, consts)
+    implicit = _implicit_rule(residual, linear_solver, on_failure)
+    return implicit(solution, args, values, tuple(consts))
 
 
 def closure_convert(fun: Callable[..., Any], *example_args: Any) -> tuple[Callable, list]:
@@ -214,35 +264,35 @@ def closure_convert(fun: Callable[..., Any], *example_args: Any) -> tuple[Callab
     return converted, [consts[i] for i in hoisted]
 
 
-def _implicit_solution(residual, solve_fn, linear_solver, has_aux, on_failure):
-    """The custom_jvp function ``(init, args, values, residual_consts, solver_consts) -> x``."""
+def _implicit_rule(residual, linear_solver, on_failure):
+    """The custom_jvp identity ``(x, args, values, consts) -> x`` carrying the implicit JVP."""
 
     @jax.custom_jvp
-    def implicit(init, args, values, residual_consts, solver_consts):
-        return solve_fn(init, args, values, *solver_consts)
+    def implicit(x, args, values, consts):
+        del args, values, consts
+        return x
 
     @implicit.defjvp
     def implicit_jvp(primals, tangents):
-        init, args, values, residual_consts, solver_consts = primals
-        _, args_dot, values_dot, consts_dot, _ = tangents
-        out = implicit(init, args, values, residual_consts, solver_consts)
-        x = out[0] if has_aux else out
+        x, args, values, consts = primals
+        _, args_dot, values_dot, consts_dot = tangents
+        # Applying the rule to the primals again gives x its implicit derivative at any outer
+        # level of differentiation (second derivatives); x's own tangent is ignored.
+        x = implicit(x, args, values, consts)
 
         def theta_part(args, values, consts):
             return residual(x, args, values, *consts)
 
-        _, rhs = jax.jvp(
-            theta_part, (args, values, residual_consts), (args_dot, values_dot, consts_dot)
-        )
+        _, rhs = jax.jvp(theta_part, (args, values, consts), (args_dot, values_dot, consts_dot))
         rhs = _linear_in(rhs, (args_dot, values_dot, consts_dot))
 
         def matvec(u):
-            return jax.jvp(lambda y: residual(y, args, values, *residual_consts), (x,), (u,))[1]
+            return jax.jvp(lambda y: residual(y, args, values, *consts), (x,), (u,))[1]
 
         def solve_with_policy(operator, b):
             solution, info = linear_solver(operator, b)
             budgeted = getattr(linear_solver, "fixed_iterations", False)
-            return _apply_policy(solution, info, on_failure, budgeted=budgeted)
+            return apply_policy(solution, info, on_failure, budgeted=budgeted)
 
         x_dot = jax.lax.custom_linear_solve(
             matvec,
@@ -251,91 +301,82 @@ def _implicit_solution(residual, solve_fn, linear_solver, has_aux, on_failure):
             transpose_solve=solve_with_policy,
             symmetric=linear_solver.symmetric,
         )
-        if has_aux:
-            return out, (x_dot, _zero_tangent(out[1]))
-        return out, x_dot
+        return x, x_dot
 
     return implicit
 
 
-def _apply_policy(
-    solution: Any, info: LinearSolveInfo, on_failure: OnFailure, *, budgeted: bool = False
-) -> Any:
-    # A fixed iteration budget (iMAML's few CG steps) leaves a residual by design: only
-    # negative curvature counts as a failure there.
-    failed = info.negative_curvature if budgeted else ~info.converged | info.negative_curvature
-    if on_failure == "nan":
-        return jax.tree.map(lambda s: jnp.where(failed, jnp.nan, s), solution)
-    if on_failure in ("warn", "raise"):
-        call_host_on_failure(
-            failed, functools.partial(_report, raise_error=on_failure == "raise"), info
-        )
-    return solution
+def _primal(tree: Any) -> Any:
+    """``tree`` with the derivatives of traced leaves stopped; other leaves untouched.
 
-
-def call_host_on_failure(failed: jax.Array, report: Callable[..., None], *operands: Any) -> None:
-    """Calls ``report(failed, *operands)`` on the host, only when ``failed`` is true somewhere.
-
-    A host callback costs milliseconds (about 5 ms on XLA:CPU), so it must stay off the common,
-    successful path. A ``lax.cond`` does that for one solve; under ``vmap`` its predicate would be
-    batched and both branches run on every call, so a custom batching rule reduces the
-    predicate over the batch first (recursively, for nested ``vmap``) and ``report`` receives
-    the batched ``failed`` and operands. Nothing here is differentiated.
+    Outside ``jit`` this turns JVP tracers into concrete arrays, which is what lets a NumPy
+    solver run under ``jax.grad``; NumPy arrays and Python numbers pass through unchanged.
     """
-    failed, operands = jax.lax.stop_gradient((failed, operands))
-    _report_if(failed, failed, operands, report)
-
-
-def _report_if(predicate: jax.Array, failed: Any, operands: Any, report: Callable) -> None:
-    @jax.custom_batching.custom_vmap
-    def report_if(predicate, failed, operands):
-        jax.lax.cond(
-            jnp.any(predicate),
-            lambda: jax.debug.callback(report, failed, *operands),
-            lambda: None,
-        )
-        return predicate
-
-    @report_if.def_vmap
-    def _batched(axis_size, in_batched, predicate, failed, operands):
-        def stacked(tree, batched):
-            return jax.tree.map(
-                lambda x, b: x if b else jnp.broadcast_to(x, (axis_size, *jnp.shape(x))),
-                tree,
-                batched,
-            )
-
-        predicate_batched, failed_batched, operands_batched = in_batched
-        failed = stacked(failed, failed_batched)
-        operands = stacked(operands, operands_batched)
-        if predicate_batched:
-            predicate = jnp.any(predicate, axis=0)
-        return report_if(predicate, failed, operands), False
-
-    report_if(predicate, failed, operands)
-
-
-def _report(failed: Any, info: LinearSolveInfo, *, raise_error: bool) -> None:
-    failed = np.asarray(failed)
-    if not failed.any():
-        return
-    message = (
-        "the linear solve of an implicit derivative failed "
-        f"(converged={np.asarray(info.converged).tolist()}, "
-        f"relative_residual={np.asarray(info.relative_residual).tolist()}, "
-        f"iterations={np.asarray(info.iterations).tolist()}, "
-        f"negative_curvature={np.asarray(info.negative_curvature).tolist()}); the derivative "
-        "may be wrong. Check that the solver converged, raise the linear solver's maxiter, add "
-        "ridge, or use MINRES/GMRES for an indefinite or non-symmetric Jacobian."
+    return jax.tree.map(
+        lambda v: jax.lax.stop_gradient(v) if isinstance(v, jax.core.Tracer) else v, tree
     )
-    raise_or_warn(message, ImplicitDifferentiationWarning, raise_error=raise_error)
 
 
-def raise_or_warn(message: str, category: type[Warning], *, raise_error: bool) -> None:
-    """Raises RuntimeError(message) or issues the warning, as a failure policy asks."""
-    if raise_error:
-        raise RuntimeError(message)
-    warnings.warn(message, category, stacklevel=3)
+def linear_solver_of(solve: SolveArgument, default: type[LinearSolver]) -> LinearSolver:
+    if solve is None:
+        return default()
+    if isinstance(solve, bool):
+        raise TypeError(
+            f"solve must be a linear solver, got solve={solve!r}. jaxopt's second positional "
+            "argument was has_aux; in metaopt has_aux is keyword-only: write has_aux=True."
+        )
+    if not callable(solve):
+        raise TypeError(
+            "solve must be a linear solver such as metaopt.implicit.CG() or a function "
+            f"solve(matvec, b) -> x, got solve={solve!r}."
+        )
+    return as_linear_solver(solve)
+
+
+def check_policy(on_failure: Any) -> None:
+    if not isinstance(on_failure, str) or on_failure not in POLICIES:
+        raise ValueError(f"on_failure must be one of {POLICIES}, got on_failure={on_failure!r}.")
+
+
+def _signature_or_none(fun: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fun)
+    except (TypeError, ValueError):  # a builtin or an object without a signature
+        return None
+
+
+def _signature_of(reference: Any) -> inspect.Signature:
+    if isinstance(reference, inspect.Signature):
+        return reference
+    signature = _signature_or_none(reference) if callable(reference) else None
+    if signature is None:
+        raise TypeError(
+            "reference_signature must be a function or an inspect.Signature, got "
+            f"reference_signature={reference!r}."
+        )
+    return signature
+
+
+def _bind(signature, fun, args, kwargs) -> tuple[tuple, dict]:
+    """Binds a call to ``signature``, with the defaults of positional parameters (jaxopt)."""
+    if signature is None:
+        return tuple(args), dict(kwargs)
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as error:
+        name = getattr(fun, "__name__", repr(fun))
+        raise TypeError(f"the call does not fit {name}{signature}: {error}.") from None
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    for name, parameter in signature.parameters.items():
+        if parameter.kind in positional and name not in bound.arguments:
+            if parameter.default is not inspect.Parameter.empty:
+                bound.arguments[name] = parameter.default
+    if not bound.args:
+        raise TypeError(
+            "the solver must take its initial point (None if unused) as first positional "
+            f"argument, got a call with no positional argument for {signature}."
+        )
+    return tuple(bound.args), dict(bound.kwargs)
 
 
 def _linear_in(rhs: Any, tangents: Any) -> Any:
@@ -354,20 +395,10 @@ def _linear_in(rhs: Any, tangents: Any) -> Any:
     return jax.tree.map(lambda r: r + anchor.astype(r.dtype), rhs)
 
 
-def _zero_tangent(tree: Any) -> Any:
-    def zero(leaf):
-        leaf = jnp.asarray(leaf)
-        if jnp.issubdtype(leaf.dtype, jnp.inexact):
-            return jnp.zeros_like(leaf)
-        return np.zeros(leaf.shape, dtype=jax.dtypes.float0)
-
-    return jax.tree.map(zero, tree)
-
-
-def _check_square(residual, init, args, values, consts) -> None:
-    """Raises when optimality_fn's output is not shaped like the solution."""
-    out = jax.eval_shape(lambda: residual(init, args, values, *consts))
-    expected = jax.eval_shape(lambda: init)
+def _check_optimality_output(residual, solution, args, values, consts) -> None:
+    """Raises when optimality_fn's output is not shaped and typed like the solution."""
+    out = jax.eval_shape(lambda: residual(solution, args, values, *consts))
+    expected = jax.eval_shape(lambda: solution)
     if jax.tree.structure(out) != jax.tree.structure(expected) or any(
         a.shape != b.shape
         for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(expected), strict=True)
@@ -378,3 +409,13 @@ def _check_square(residual, init, args, values, consts) -> None:
             f"{[a.shape for a in jax.tree.leaves(out)]} for a solution shaped "
             f"{[b.shape for b in jax.tree.leaves(expected)]}."
         )
+    paths = jax.tree_util.tree_flatten_with_path(expected)[0]
+    for (path, want), got in zip(paths, jax.tree.leaves(out), strict=True):
+        if got.dtype != want.dtype:
+            leaf = jax.tree_util.keystr(path) or "the solution"
+            raise TypeError(
+                f"optimality_fn returns {got.dtype} for {leaf}, whose solution is "
+                f"{want.dtype}: the implicit derivative's linear system needs one dtype. Cast "
+                f"the output, for example return F(x, theta).astype(x.dtype), or solve in "
+                f"{got.dtype}."
+            )

@@ -21,7 +21,9 @@ class LinearSolveInfo(NamedTuple):
       relative_residual: :math:`\\lVert b - A x\\rVert / \\lVert b\\rVert` of the returned
         :math:`x`, recomputed from :math:`x` (not the solver's running estimate); the absolute
         residual when :math:`b = 0`.
-      converged: whether ``relative_residual <= tol``.
+      converged: whether ``relative_residual <= tol``; False when the right-hand side or the
+        operator's output is not finite, and then the solution is NaN (never a plausible
+        number such as the zero starting point).
       negative_curvature: CG only: whether a direction with :math:`p^\\top A p \\le 0` was met,
         which means the matrix is not positive definite and CG's answer is unreliable; always
         False for the other solvers.
@@ -57,14 +59,7 @@ class LinearSolver:
         x0 = zeros_like(b) if x0 is None else x0
         operator = self.operator(matvec)
         x, iterations, negative_curvature = self._solve(operator, b, x0)
-        residual = relative_residual(operator, x, b)
-        info = LinearSolveInfo(
-            iterations=jnp.asarray(iterations, jnp.int32),
-            relative_residual=residual,
-            converged=residual <= self.tol,
-            negative_curvature=jnp.asarray(negative_curvature, bool),
-        )
-        return x, info
+        return finish(operator, b, x, iterations, negative_curvature, self.tol)
 
     def operator(self, matvec: Matvec) -> Matvec:
         """The operator actually solved for (for example with a ridge added)."""
@@ -72,6 +67,54 @@ class LinearSolver:
 
     def _solve(self, matvec: Matvec, b: Vector, x0: Vector) -> tuple[Vector, Any, Any]:
         raise NotImplementedError
+
+
+def finish(
+    matvec: Matvec, b: Vector, x: Vector, iterations: Any, negative_curvature: Any, tol: Any
+) -> tuple[Vector, LinearSolveInfo]:
+    """``(x, info)`` with the residual recomputed from ``x``; x is NaN if it is not finite.
+
+    A non-finite right-hand side (a NaN outer loss) or operator output stops the Krylov loops
+    at once (their ``residual > threshold`` test is False for NaN), leaving the zero starting
+    point: poisoning the solution makes the NaN reach the caller instead.
+    """
+    residual = relative_residual(matvec, x, b)
+    finite = jnp.isfinite(residual)
+    x = jax.tree.map(lambda v: jnp.where(finite, v, jnp.nan).astype(v.dtype), x)
+    info = LinearSolveInfo(
+        iterations=jnp.asarray(iterations, jnp.int32),
+        relative_residual=residual,
+        converged=finite & (residual <= tol),
+        negative_curvature=jnp.asarray(negative_curvature, bool),
+    )
+    return x, info
+
+
+@dataclasses.dataclass(frozen=True)
+class FunctionSolver(LinearSolver):
+    """A jaxopt-style ``solve(matvec, b) -> x`` function used as a linear solver.
+
+    The function reports no tolerance, so only a non-finite solution (or residual) counts as
+    not converged; the residual of its solution is recomputed for the info (one product).
+
+    Attributes:
+      solve: the function; it may also return ``(x, LinearSolveInfo)``.
+    """
+
+    solve: Callable[..., Any] | None = None
+    tol: float = float("inf")
+
+    def __call__(self, matvec, b, x0=None):
+        del x0  # a jaxopt-style solve chooses its own starting point
+        out = self.solve(matvec, b)
+        if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], LinearSolveInfo):
+            return out
+        return finish(matvec, b, out, 0, False, self.tol)
+
+
+def as_linear_solver(solve: Callable[..., Any]) -> LinearSolver:
+    """``solve`` itself if it is a :class:`LinearSolver`, else wrapped as a function solver."""
+    return solve if isinstance(solve, LinearSolver) else FunctionSolver(solve=solve)
 
 
 def check_iterations(name: str, value: Any, allow_none: bool = True) -> None:

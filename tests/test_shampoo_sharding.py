@@ -52,7 +52,7 @@ def test_state_is_sharded_like_the_parameters_and_results_match(name):
     sharded_params = jax.device_put(params, shardings)
     state = tx.init(sharded_params)
     # w is [256, 64] in 32-blocks: a grid of 8 x 2 blocks, the 8 along the sharded axis.
-    stats_w = state.statistics[1]
+    stats_w = state.statistics["w"]
     assert [s.shape for s in stats_w] == [(8, 2, 32, 32)] * 2
     for s in stats_w:
         assert s.sharding.spec == PartitionSpec("devices", None, None, None)
@@ -92,7 +92,7 @@ def test_blocks_that_do_not_divide_over_the_mesh_stay_replicated():
     mesh = Mesh(np.array(jax.devices()[:8]), ("devices",))
     w = jax.device_put(jnp.zeros((96, 8)), NamedSharding(mesh, PartitionSpec("devices", None)))
     state = metaopt.scale_by_shampoo(blocking=BLOCKING).init(w)  # 3 row blocks on 8 devices
-    assert state.statistics[0][0].sharding.spec == PartitionSpec(None, None, None, None)
+    assert state.statistics[0].sharding.spec == PartitionSpec(None, None, None, None)
 
 
 @pytest.mark.parametrize(

@@ -42,6 +42,9 @@ class Blocking:
         memory and work, one statistic per tensor).
       precondition_vectors: whether tensors with one axis (biases, norm scales) get a full
         matrix preconditioner; if False they use the diagonal method.
+
+    A tensor with no elements (an axis of length 0) is never preconditioned: it gets the
+    diagonal method, that is an empty update.
     """
 
     block_size: int = 1024
@@ -163,6 +166,10 @@ def plan_blocks(shape: tuple[int, ...], blocking: Blocking) -> BlockPlan:
     limit = blocking.max_preconditioned_dimension
     preconditioned = [i for i, d in enumerate(merged) if limit is None or d <= limit]
     if len(merged) == 1 and not blocking.precondition_vectors:
+        preconditioned = []
+    if 0 in merged:
+        # An empty tensor has nothing to precondition (and no blocks to cut): the diagonal
+        # method gives it an empty update.
         preconditioned = []
     if blocking.one_sided and len(preconditioned) > 1:
         preconditioned = [min(preconditioned, key=lambda i: merged[i])]

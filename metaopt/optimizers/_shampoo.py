@@ -20,6 +20,12 @@ from metaopt.optimizers import _common
 from metaopt.optimizers._blocking import Blocking, BlockPlan, grid_sharding, place, plan_blocks
 from metaopt.optimizers._common import ScalarOrSchedule
 from metaopt.optimizers._matrix_root import matrix_inverse_pth_root
+from metaopt.optimizers._tree_checks import (
+    STATE_FOR_OTHER_PARAMS,
+    NotParameterShaped,
+    check_matching,
+    is_params_placeholder,
+)
 
 _GRAFTING_KINDS = ("none", "sgd", "adagrad", "rmsprop", "adam")
 
@@ -62,14 +68,21 @@ class Grafting:
 class ScaleByShampooState(NamedTuple):
     """State of :func:`scale_by_shampoo`.
 
+    ``optax.tree_map_params`` maps its function over ``mu`` and ``graft`` (the copies of the
+    parameter tree) and leaves ``statistics`` and ``preconditioners`` alone: their arrays do not
+    have the parameters' shapes, so ``transform_non_params`` receives each of the two trees
+    whole.
+
     Attributes:
       count: steps taken (int32); a skipped step (non-finite gradient) does not count.
       mu: first moment (EMA of the gradient with rate ``b1``), like the parameters.
       graft: the grafted method's second moment, like the parameters (``()`` for ``"sgd"`` and
         ``"none"``).
-      statistics: per parameter leaf (in ``jax.tree.leaves`` order), per preconditioned axis, the
-        Kronecker factor statistics ``[*block_grid, b, b]`` in ``statistics_dtype``.
-      preconditioners: their inverse roots, same shapes, in ``preconditioner_dtype``.
+      statistics: a tree with the parameters' structure; at each parameter's place a tuple
+        with, per preconditioned axis, the Kronecker factor statistics
+        ``[*block_grid, b, b]`` in ``statistics_dtype`` (``()`` for a tensor with no
+        preconditioned axis).
+      preconditioners: their inverse roots, same layout, in ``preconditioner_dtype``.
       root_failures: inverse roots rejected so far (non-finite, or error above
         ``root_error_threshold``); each rejected block kept its previous preconditioner.
       root_error: the largest relative error of the roots computed at the last root step.
@@ -79,8 +92,8 @@ class ScaleByShampooState(NamedTuple):
     count: jax.Array
     mu: optax.Updates
     graft: optax.Updates
-    statistics: tuple[tuple[jax.Array, ...], ...]
-    preconditioners: tuple[tuple[jax.Array, ...], ...]
+    statistics: Any
+    preconditioners: Any
     root_failures: jax.Array
     root_error: jax.Array
     skipped_steps: jax.Array
@@ -202,7 +215,7 @@ def scale_by_shampoo(
         )
 
     def init_fn(params: optax.Params) -> ScaleByShampooState:
-        leaves = jax.tree.leaves(params)
+        leaves, treedef = jax.tree.flatten(params)
         plans = [plan_blocks(x.shape, blocking) for x in leaves]
         statistics, preconditioners = [], []
         for plan, leaf in zip(plans, leaves, strict=True):
@@ -218,18 +231,26 @@ def scale_by_shampoo(
                     for s in shapes
                 )
             )
+        statistics = jax.tree.unflatten(treedef, statistics)
+        preconditioners = jax.tree.unflatten(treedef, preconditioners)
+        if is_params_placeholder(params):
+            # optax.tree_map_params is looking for copies of the parameter tree.
+            statistics, preconditioners = NotParameterShaped(), NotParameterShaped()
         return ScaleByShampooState(
             count=jnp.zeros([], jnp.int32),
             mu=optax.tree.zeros_like(params),
             graft=optax.tree.zeros_like(params) if grafting.has_accumulator else (),
-            statistics=tuple(statistics),
-            preconditioners=tuple(preconditioners),
+            statistics=statistics,
+            preconditioners=preconditioners,
             root_failures=jnp.zeros([], jnp.int32),
             root_error=jnp.zeros([], jnp.float32),
             skipped_steps=jnp.zeros([], jnp.int32),
         )
 
     def update_fn(updates, state, params=None):
+        if params is not None:
+            check_matching("updates", updates, "params", params)
+        check_matching("updates", updates, "state.mu", state.mu, hint=STATE_FOR_OTHER_PARAMS)
         del params
         leaves, treedef = jax.tree.flatten(updates)
         plans = [plan_blocks(g.shape, blocking) for g in leaves]
@@ -286,9 +307,17 @@ def scale_by_shampoo(
             else:
                 graft_steps.append(m_hat)
 
-        statistics = _update_statistics(leaves, plans, state.statistics, state.count, b2_t)
+        statistics = _update_statistics(
+            leaves, plans, tuple(treedef.flatten_up_to(state.statistics)), state.count, b2_t
+        )
         preconditioners, failures, root_error = _update_roots(
-            plans, statistics, state, count, b2_t, hyper
+            plans,
+            statistics,
+            tuple(treedef.flatten_up_to(state.preconditioners)),
+            state,
+            count,
+            b2_t,
+            hyper,
         )
 
         directions = []
@@ -306,8 +335,8 @@ def scale_by_shampoo(
             count=count,
             mu=jax.tree.unflatten(treedef, new_mu),
             graft=jax.tree.unflatten(treedef, new_graft) if grafting.has_accumulator else (),
-            statistics=statistics,
-            preconditioners=preconditioners,
+            statistics=jax.tree.unflatten(treedef, statistics),
+            preconditioners=jax.tree.unflatten(treedef, preconditioners),
             root_failures=state.root_failures + failures,
             root_error=root_error,
             skipped_steps=state.skipped_steps,
@@ -339,7 +368,7 @@ def scale_by_shampoo(
         due = steps_before % statistics_frequency == 0
         return jax.lax.cond(due, updated, lambda: statistics)
 
-    def _update_roots(plans, statistics, state, count, b2_t, hyper):
+    def _update_roots(plans, statistics, previous_roots, state, count, b2_t, hyper):
         updates_so_far = (count - 1) // statistics_frequency + 1
         correction = jnp.where(b2_t < 1.0, 1.0 - b2_t**updates_so_far, 1.0)
 
@@ -347,7 +376,7 @@ def scale_by_shampoo(
             failures = jnp.zeros([], jnp.int32)
             worst = jnp.zeros([], jnp.float32)
             out = []
-            for plan, stats, previous in zip(plans, statistics, state.preconditioners, strict=True):
+            for plan, stats, previous in zip(plans, statistics, previous_roots, strict=True):
                 p = exponent(len(plan.preconditioned))
                 new = []
                 for s, old in zip(stats, previous, strict=True):
@@ -370,7 +399,7 @@ def scale_by_shampoo(
             return tuple(out), failures, worst
 
         def keep():
-            return state.preconditioners, jnp.zeros([], jnp.int32), state.root_error
+            return previous_roots, jnp.zeros([], jnp.int32), state.root_error
 
         due = (count >= start_preconditioning_step) & (
             (count - start_preconditioning_step) % preconditioning_frequency == 0

@@ -163,6 +163,9 @@ def scale_by_soap(
         )
 
     def update_fn(updates, state, params=None):
+        if params is not None:
+            check_matching("updates", updates, "params", params)
+        check_matching("updates", updates, "state.mu", state.mu, hint=STATE_FOR_OTHER_PARAMS)
         # One NaN or Inf would stay in the statistics and moments for good (every later basis
         # and step NaN): such a step is skipped whole, with a zero update, and counted.
         leaves = jax.tree.leaves(updates)
@@ -175,9 +178,6 @@ def scale_by_soap(
         return jax.lax.cond(finite, lambda: _step(updates, state, params), skip_step)
 
     def _step(updates, state, params):
-        if params is not None:
-            check_matching("updates", updates, "params", params)
-        check_matching("updates", updates, "state.mu", state.mu, hint=STATE_FOR_OTHER_PARAMS)
         del params
         leaves, treedef = jax.tree.flatten(updates)
         state_nu = treedef.flatten_up_to(state.nu)

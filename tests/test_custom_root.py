@@ -419,6 +419,45 @@ def test_capped_adjoint_solve_policy_raise():
         jax.block_until_ready(jax.grad(_capped("raise"))(0.1))
 
 
+def test_raise_policy_puts_the_library_message_first():
+    # Outside jit the report runs in Python, so the user reads our RuntimeError, not XLA's
+    # JaxRuntimeError with a callback traceback in front of it.
+    with pytest.raises(RuntimeError) as caught:
+        jax.grad(_capped("raise"))(0.1)
+    assert type(caught.value) is RuntimeError
+    first_line = str(caught.value).splitlines()[0]
+    assert first_line.startswith("the linear solve of an implicit derivative failed"), first_line
+
+    # The same through bilevel.solve, for an inner solve that stopped short of its tolerance.
+    import optax
+
+    from metaopt import bilevel
+
+    def short_solve(penalty, diff):
+        w, _ = bilevel.solve(
+            lambda w, p: 0.5 * jnp.sum((w - 1.0) ** 2) + 0.5 * p * jnp.sum(w**2),
+            jnp.zeros(3),
+            penalty,
+            optimizer=optax.sgd(0.1),
+            steps=3,
+            tol=1e-10,
+            diff=diff,
+        )
+        return jnp.sum(w)
+
+    implicit_raise = bilevel.Implicit(on_failure="raise")
+    with pytest.raises(RuntimeError) as caught:
+        jax.grad(short_solve)(0.5, implicit_raise)
+    assert type(caught.value) is RuntimeError
+    assert "inner solve" in str(caught.value).splitlines()[0]
+
+    # Under jit the report runs inside the compiled computation: XLA raises a JaxRuntimeError
+    # whose text starts with the callback's traceback; our exception is its last line.
+    with pytest.raises(jax.errors.JaxRuntimeError) as caught:
+        jax.block_until_ready(jax.jit(jax.grad(_capped("raise")))(0.1))
+    assert "RuntimeError: the linear solve of an implicit derivative failed" in str(caught.value)
+
+
 def test_capped_adjoint_solve_policy_ignore_is_silent():
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -15,6 +15,9 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src.debugging import debug_effect  # no public effect type for host reporting
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 
 from metaopt.implicit._linear_solve_info import LinearSolveInfo
 
@@ -48,39 +51,77 @@ def call_host_on_failure(failed: jax.Array, report: Callable[..., None], *operan
     successful path. A ``lax.cond`` does that for one solve; under ``vmap`` its predicate would be
     batched and both branches run on every call, so a custom batching rule reduces the
     predicate over the batch first (recursively, for nested ``vmap``) and ``report`` receives
-    the batched ``failed`` and operands. Nothing here is differentiated.
+    the batched ``failed`` and operands. Nothing here is differentiated. Outside ``jit``,
+    ``report`` runs directly in Python, so an exception it raises reaches the caller unchanged.
     """
     failed, operands = jax.lax.stop_gradient((failed, operands))
     _report_if(failed, failed, operands, report)
 
 
 def _report_if(predicate: jax.Array, failed: Any, operands: Any, report: Callable) -> None:
-    @jax.custom_batching.custom_vmap
-    def report_if(predicate, failed, operands):
+    flat, treedef = jax.tree.flatten((predicate, failed, operands))
+    _report_if_p.bind(*flat, treedef=treedef, report=report)
+
+
+# A primitive rather than a plain ``lax.cond`` + ``jax.debug.callback``: evaluated eagerly
+# (outside jit) it calls ``report`` directly in Python, so the exception of
+# on_failure="raise" reaches the user as raised, our message first; compiled, it lowers to the
+# cond and callback (where XLA prefixes the error with the callback's traceback).
+_report_if_p = Primitive("metaopt_report_if")
+_report_if_p.multiple_results = True
+
+
+@_report_if_p.def_impl
+def _report_if_impl(*flat, treedef, report):
+    predicate, failed, operands = jax.tree.unflatten(treedef, flat)
+    if np.any(np.asarray(predicate)):
+        report(failed, *operands)
+    return []
+
+
+@_report_if_p.def_effectful_abstract_eval
+def _report_if_abstract_eval(*avals, treedef, report):
+    del avals, treedef, report
+    return [], {debug_effect}  # an effect, so the report is never removed as dead code
+
+
+def _report_if_lowering(ctx, *flat, treedef, report):
+    def conditional(*flat):
+        predicate, failed, operands = jax.tree.unflatten(treedef, flat)
         jax.lax.cond(
             jnp.any(predicate),
             lambda: jax.debug.callback(report, failed, *operands),
             lambda: None,
         )
-        return predicate
+        return []
 
-    @report_if.def_vmap
-    def _batched(axis_size, in_batched, predicate, failed, operands):
-        def stacked(tree, batched):
-            return jax.tree.map(
-                lambda x, b: x if b else jnp.broadcast_to(x, (axis_size, *jnp.shape(x))),
-                tree,
-                batched,
-            )
+    return mlir.lower_fun(conditional, multiple_results=True)(ctx, *flat)
 
-        predicate_batched, failed_batched, operands_batched = in_batched
-        failed = stacked(failed, failed_batched)
-        operands = stacked(operands, operands_batched)
-        if predicate_batched:
-            predicate = jnp.any(predicate, axis=0)
-        return report_if(predicate, failed, operands), False
 
-    report_if(predicate, failed, operands)
+def _report_if_batched(flat, dims, *, treedef, report):
+    size = next(x.shape[d] for x, d in zip(flat, dims, strict=True) if d is not None)
+
+    def stacked(x, d):
+        if d is None:
+            return jnp.broadcast_to(x, (size, *jnp.shape(x)))
+        return jnp.moveaxis(x, d, 0)
+
+    predicate, failed, operands = jax.tree.unflatten(
+        treedef, [stacked(x, d) for x, d in zip(flat, dims, strict=True)]
+    )
+    # One report for the whole batch, and only when some element failed.
+    _report_if(jnp.any(predicate, axis=0), failed, operands, report)
+    return [], []
+
+
+def _report_if_jvp(primals, tangents, *, treedef, report):
+    del tangents  # the inputs are stop_gradient-ed: nothing to differentiate
+    return _report_if_p.bind(*primals, treedef=treedef, report=report), []
+
+
+mlir.register_lowering(_report_if_p, _report_if_lowering)
+batching.primitive_batchers[_report_if_p] = _report_if_batched
+ad.primitive_jvps[_report_if_p] = _report_if_jvp
 
 
 def _report(failed: Any, info: LinearSolveInfo, *, raise_error: bool) -> None:

@@ -295,3 +295,61 @@ def test_single_cpu_device_computes_roots_one_at_a_time_without_deadlock():
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("method", ["eigh", "newton"])
+def test_indefinite_input_is_reported(method, dtype):
+    # eigh roots the PSD part (eigenvalues clipped at 0); before, it reported that root's own
+    # error, 3e-8, as if diag(-5, 1, 2) had been rooted.
+    _, info = matrix_inverse_pth_root(
+        jnp.diag(jnp.array([-5.0, 1.0, 2.0], dtype)), 2, method=method
+    )
+    assert float(info.relative_error) > 1e3, info
+    # Shampoo's acceptance test (finite and error <= root_error_threshold) rejects it.
+    assert not (bool(info.finite) and float(info.relative_error) <= 0.5)
+    negative_definite = jnp.diag(jnp.array([-1.0, -2.0], dtype))
+    _, info = matrix_inverse_pth_root(negative_definite, 2, method=method)
+    assert float(info.relative_error) >= 1.0
+
+
+def test_round_off_negative_eigenvalues_of_bfloat16_statistics_are_accepted():
+    # A rank-4 Gram matrix rounded to bfloat16 has negative eigenvalues near -1e-3 of the
+    # largest: round-off, clipped, and the root of the clipped matrix is accepted.
+    rng = np.random.default_rng(20)
+    g = rng.normal(size=(64, 4))
+    rounded = jnp.asarray(g @ g.T, jnp.bfloat16).astype(jnp.float32)
+    values = np.linalg.eigvalsh(np.asarray(rounded, np.float64))
+    assert -1e-2 < values[0] / values[-1] < -1e-4
+    root, info = matrix_inverse_pth_root(rounded, 4, damping=1e-3)
+    assert bool(info.finite) and float(info.relative_error) < 1e-3
+    expected = _numpy_root(np.asarray(rounded, np.float64), 4, damping=1e-3)
+    difference = np.linalg.norm(np.asarray(root, np.float64) - expected)
+    assert difference <= 2e-4 * np.linalg.norm(expected), difference / np.linalg.norm(expected)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("method", ["eigh", "newton"])
+@pytest.mark.parametrize(
+    "entry", [(0, 0, np.inf), (0, 0, -np.inf), (1, 1, np.nan), (0, 1, np.inf)], ids=str
+)
+def test_non_finite_input_is_reported(method, dtype, entry):
+    # Before, eigh returned a zero root with error 0 and finite=True for an Inf or NaN on the
+    # diagonal.
+    i, j, value = entry
+    matrix = jnp.asarray(_spd(4, seed=21, condition=10.0), dtype).at[i, j].set(value)
+    _, info = matrix_inverse_pth_root(matrix, 2, method=method)
+    assert not bool(info.finite) and float(info.relative_error) == np.inf
+    assert not bool(info.used_float64)  # no float64 retry for an input that cannot be rooted
+
+
+@pytest.mark.parametrize("method", ["eigh", "newton"])
+@pytest.mark.parametrize("scale", [1e30, 1e-30])
+def test_float32_extreme_scales_match_numpy(method, scale):
+    # Before, Newton's float32 Frobenius norm overflowed (underflowed) and it returned a zero
+    # root with error 0.
+    matrix = jnp.asarray(_spd(12, seed=22, condition=100.0) * scale, jnp.float32)
+    root, info = matrix_inverse_pth_root(matrix, 2, damping=1e-6, method=method, retry_tol=None)
+    expected = _numpy_root(np.asarray(matrix, np.float64), 2, damping=1e-6)
+    assert bool(info.finite) and float(info.relative_error) < 1e-4
+    np.testing.assert_allclose(root, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())

@@ -25,14 +25,19 @@ class MatrixRootInfo(NamedTuple):
 
     Attributes:
       relative_error: :math:`\\lVert X^p \\tilde A - I\\rVert_F / \\sqrt n` for the returned
-        :math:`X` and the damped matrix :math:`\\tilde A` (for ``eigh``, its positive
-        semi-definite part, whose root is computed; 0 for a zero matrix, whose root is defined
-        as 0). For ``n`` above 8 the norm is estimated from 8 fixed random sign vectors
-        :math:`Z`, as :math:`\\lVert (X^p\\tilde A - I)Z\\rVert_F/\\lVert Z\\rVert_F`
-        (unbiased in the square), which costs matrix-vector products instead of the
-        :math:`p + 1` matrix products of the exact norm.
+        :math:`X` and the damped input :math:`\\tilde A` (0 for a zero matrix, whose root is
+        defined as 0). For ``eigh``, negative eigenvalues down to 1% of the largest are
+        round-off and clipped in :math:`\\tilde A` as in the root (bfloat16 statistics have
+        them at 1e-3); larger ones are kept, so an indefinite input shows an error of order
+        :math:`|\\lambda_{\\min}| / (\\delta\\lambda_{\\max} + \\epsilon)` instead of
+        the error of the root of its clipped part. Infinite when the input is not finite or
+        the error cannot be computed (never NaN). For ``n`` above 8 the norm is estimated from
+        8 fixed random sign vectors :math:`Z`, as
+        :math:`\\lVert (X^p\\tilde A - I)Z\\rVert_F/\\lVert Z\\rVert_F` (unbiased in the
+        square), which costs matrix-vector products instead of the :math:`p + 1` matrix
+        products of the exact norm.
       iterations: Newton iterations used (0 for the eigendecomposition).
-      finite: whether every entry of the root is finite.
+      finite: whether every entry of the input and of the root is finite.
       used_float64: whether the float64 retry produced the result.
     """
 
@@ -58,9 +63,12 @@ def matrix_inverse_pth_root(
 
     ``matrix`` has shape ``[..., n, n]``; leading dimensions are a batch (stacked Shampoo
     blocks). The input is symmetrized first, and negative eigenvalues from round-off are
-    clipped to zero. Damping is relative to the largest eigenvalue (``damping``, which keeps the
-    condition number at most about :math:`1/\delta`) plus an absolute ``epsilon``. A zero matrix
-    (no statistics yet) has the root 0 rather than an infinite one.
+    clipped to zero; an indefinite or non-finite input is reported in the returned
+    :class:`MatrixRootInfo` (a large or infinite ``relative_error``, ``finite=False`` for a
+    non-finite input), never silently rooted. Damping is relative to the largest eigenvalue
+    (``damping``, which keeps the condition number at most about :math:`1/\delta`) plus an
+    absolute ``epsilon``. A zero matrix (no statistics yet) has the root 0 rather than an
+    infinite one.
 
     ``method="eigh"`` is correct for every integer ``p`` and any conditioning the working
     precision can represent; when the input is float32 and the error exceeds ``retry_tol`` (or
@@ -69,7 +77,8 @@ def matrix_inverse_pth_root(
     :math:`X_{k+1} = X_k T_k,\ M_{k+1} = T_k^p M_k,\ T_k = ((p+1)I - M_k)/p` from
     :math:`X_0 = c^{1/p} I,\ M_0 = c\tilde A`, which converges to :math:`\tilde A^{-1/p}` for
     any SPD matrix; it stops when :math:`\lVert M_k - I\rVert` is below ``newton_tol`` (relative
-    Frobenius norm) or after ``newton_max_iterations``.
+    Frobenius norm) or after ``newton_max_iterations``. It runs on :math:`A / \max_{ij}|A_{ij}|`
+    and scales the root back, so float32 inputs at any representable scale (1e-30, 1e30) work.
 
     Example:
       >>> import jax.numpy as jnp
@@ -182,28 +191,41 @@ def _error(root, apply_damped, p):
     else:
         signs = 2 * np.random.default_rng(0).integers(0, 2, size=(n, _PROBES)) - 1
         z = jnp.asarray(signs, root.dtype)
-    y = apply_damped(z)
+    damped = apply_damped(z)
+    y = damped
     for _ in range(p):
         y = root @ y
-    zero = jnp.all(root == 0)
+    # The root of a zero matrix is defined as 0; a zero root of anything else has error 1.
+    zero = jnp.all(root == 0) & jnp.all(damped == 0)
     return jnp.where(zero, 0.0, jnp.linalg.norm(y - z) / jnp.linalg.norm(z))
+
+
+# Negative eigenvalues down to this fraction of the largest are round-off and clipped to zero:
+# rounding a PSD matrix's entries to bfloat16 (relative error 2^-9) moves its eigenvalues by up
+# to 2^-9 |A|_F, measured at 1e-4 to 1e-3 of the largest for Gram matrices of size 16 to 1024.
+# Below it the input is not positive semi-definite, and the error says so.
+_NEGATIVE_ROUND_OFF = 1e-2
 
 
 def _eigh_in(matrix, p, damping, epsilon):
     symmetric = 0.5 * (matrix + matrix.T)
-    eigenvalues, vectors = jnp.linalg.eigh(symmetric)
-    eigenvalues = jnp.maximum(eigenvalues, 0.0)
+    signed, vectors = jnp.linalg.eigh(symmetric)
+    eigenvalues = jnp.maximum(signed, 0.0)
+    round_off = signed >= -_NEGATIVE_ROUND_OFF * jnp.max(eigenvalues)
     shift = damping * jnp.max(eigenvalues) + epsilon
     damped_values = eigenvalues + shift
     positive = damped_values > 0
     inverse_root = jnp.where(positive, jnp.where(positive, damped_values, 1.0) ** (-1.0 / p), 0.0)
     root = (vectors * inverse_root) @ vectors.T
 
-    # The error is measured against the positive semi-definite part that was rooted: negative
-    # eigenvalues are round-off (bfloat16 statistics have them at 1e-3 of the largest), and
-    # measuring against them would reject every root of such statistics.
+    # The error is measured against the damped input with its round-off negative eigenvalues
+    # clipped, as rooted (bfloat16 statistics have them at 1e-3 of the largest; measuring
+    # against those rejected every root of such statistics), and its larger negative ones kept,
+    # so an indefinite input is reported rather than silently replaced by its PSD part.
+    reference_values = jnp.where(round_off, eigenvalues, signed) + shift
+
     def apply_damped(z):
-        return vectors @ (damped_values[:, None] * (vectors.T @ z))
+        return vectors @ (reference_values[:, None] * (vectors.T @ z))
 
     return root, _error(root, apply_damped, p)
 
@@ -214,7 +236,7 @@ def _eigh_root(matrix, *, p, damping, epsilon, retry_tol):
     used_float64 = jnp.asarray(False)
     can_retry = retry_tol is not None and matrix.dtype == jnp.float32 and jax.config.jax_enable_x64
     if can_retry:
-        retry = ~finite | ~(error <= retry_tol)
+        retry = jnp.all(jnp.isfinite(matrix)) & (~finite | ~(error <= retry_tol))
 
         def in_float64():
             root64, error64 = _eigh_in(matrix.astype(jnp.float64), p, damping, epsilon)
@@ -223,14 +245,32 @@ def _eigh_root(matrix, *, p, damping, epsilon, retry_tol):
         root, error = jax.lax.cond(retry, in_float64, lambda: (root, error))
         finite = jnp.all(jnp.isfinite(root))
         used_float64 = retry
-    return root, MatrixRootInfo(error, jnp.zeros([], jnp.int32), finite, used_float64)
+    return root, _checked_input(
+        matrix, MatrixRootInfo(error, jnp.zeros([], jnp.int32), finite, used_float64)
+    )
+
+
+def _checked_input(matrix, info):
+    """A non-finite input makes any root meaningless (eigh returns a zero root for an Inf on
+    the diagonal): reported as ``finite=False`` and an infinite error, as is a NaN error."""
+    ok = jnp.all(jnp.isfinite(matrix))
+    error = info.relative_error
+    error = jnp.where(ok & ~jnp.isnan(error), error, jnp.inf).astype(error.dtype)
+    return info._replace(relative_error=error, finite=info.finite & ok)
 
 
 def _newton_root(matrix, *, p, damping, epsilon, tol, max_iterations):
     n = matrix.shape[-1]
     identity = jnp.eye(n, dtype=matrix.dtype)
     symmetric = 0.5 * (matrix + matrix.T)
-    damped = symmetric + (damping * _largest_eigenvalue(symmetric) + epsilon) * identity
+    # The iteration runs on A / max|A_ij|, whose root is max|A_ij|^(1/p) times A's: in float32
+    # the Frobenius norms below overflow for entries near 1e20 and underflow near 1e-20, which
+    # gave a zero root reported with error 0.
+    size = jnp.max(jnp.abs(symmetric))
+    size = jnp.where((size > 0) & jnp.isfinite(size), size, 1.0)
+    normalized = symmetric / size
+    shift = damping * _largest_eigenvalue(normalized) + epsilon / size
+    damped = normalized + shift * identity
     # The Frobenius norm bounds the spectral norm; any c <= (p + 1) / (2 |A|_2) converges.
     norm = jnp.linalg.norm(damped)
     zero = norm == 0
@@ -252,9 +292,10 @@ def _newton_root(matrix, *, p, damping, epsilon, tol, max_iterations):
 
     x, m, k = jax.lax.while_loop(active, step, (x, m, jnp.zeros([], jnp.int32)))
     root = jnp.where(zero, jnp.zeros_like(x), x)
-    finite = jnp.all(jnp.isfinite(root))
     error = _error(root, lambda z: damped @ z, p)
-    return root, MatrixRootInfo(error, k, finite, jnp.asarray(False))
+    root = root * size ** (-1.0 / p)
+    finite = jnp.all(jnp.isfinite(root))
+    return root, _checked_input(matrix, MatrixRootInfo(error, k, finite, jnp.asarray(False)))
 
 
 def _largest_eigenvalue(symmetric, iterations=32):

@@ -9,6 +9,7 @@ which may be traced arrays; ``inject`` builds the same transform through
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 
 import optax
@@ -33,6 +34,16 @@ class Entry:
       inject_ulps: 0 when ``inject`` must reproduce ``make`` bit for bit; otherwise the
         float64 round-off allowed (XLA fuses GAM's chained products of constants differently
         from products of traced scalars, a difference of one unit in the last place).
+      nonfinite: what a NaN or inf in the gradient does, as documented: ``"skips"`` (the step
+        is skipped: zero update, the state stays finite and the next clean step proceeds) or
+        ``"propagates"`` (every leaf whose gradient held the non-finite value gets a
+        non-finite update, so the failure is visible; ``optax.apply_if_finite`` skips it).
+      huge_gradient: a gradient entry of 1e30 in float32. ``"exact"``: the update equals the
+        float64 update of the same transform (rtol 1e-5). ``"second_moment_overflows"``: the
+        method squares gradient entries into float32 state, which overflows above about
+        1.8e19 (as in ``optax.adam``); only "no crash, parameters stay finite" is required.
+        ``"scale_dependent"``: gradient regularization steps ``epsilon * g`` away from the
+        parameters by design (see its page); only "no crash" is required.
     """
 
     name: str
@@ -44,6 +55,8 @@ class Entry:
     grad_evaluations: int = 1
     convergence_key_value: float | None = None
     inject_ulps: int = 0
+    nonfinite: str = "propagates"
+    huge_gradient: str = "exact"
 
 
 def _momentum(learning_rate):
@@ -53,6 +66,7 @@ def _momentum(learning_rate):
 ENTRIES = [
     Entry(
         name="ademamix",
+        huge_gradient="second_moment_overflows",
         make=lambda lr, a: metaopt.ademamix(lr, b3=0.999, alpha=a, weight_decay=1e-4),
         inject=lambda lr, a: optax.inject_hyperparams(metaopt.ademamix)(
             learning_rate=lr, b3=0.999, alpha=a, weight_decay=1e-4
@@ -63,6 +77,7 @@ ENTRIES = [
     ),
     Entry(
         name="ademamix_warmups",
+        huge_gradient="second_moment_overflows",
         make=lambda lr, a: metaopt.ademamix(
             lr, b3=0.999, alpha=a, alpha_warmup_steps=500, b3_warmup_steps=500
         ),
@@ -75,6 +90,7 @@ ENTRIES = [
     ),
     Entry(
         name="simplified_ademamix",
+        huge_gradient="second_moment_overflows",
         make=lambda lr, a: metaopt.simplified_ademamix(lr * 0.1, b1=0.9, b2=0.99, alpha=a),
         inject=lambda lr, a: optax.inject_hyperparams(metaopt.simplified_ademamix)(
             learning_rate=lr * 0.1, b1=0.9, b2=0.99, alpha=a
@@ -97,6 +113,7 @@ ENTRIES = [
     ),
     Entry(
         name="sam_over_adamw",
+        huge_gradient="second_moment_overflows",
         make=lambda lr, rho: metaopt.sam(optax.adamw(lr, weight_decay=1e-4), rho),
         inject=lambda lr, rho: optax.inject_hyperparams(metaopt.sam)(
             base_optimizer=optax.adamw(lr, weight_decay=1e-4), rho=rho
@@ -133,6 +150,7 @@ ENTRIES = [
     ),
     Entry(
         name="gradient_regularization",
+        huge_gradient="scale_dependent",
         make=lambda lr, gamma: metaopt.gradient_regularization(_momentum(lr), gamma, 1e-3),
         inject=lambda lr, gamma: optax.inject_hyperparams(metaopt.gradient_regularization)(
             base_optimizer=_momentum(lr), gamma=gamma, epsilon=1e-3
@@ -145,6 +163,7 @@ ENTRIES = [
     ),
     Entry(
         name="gradient_regularization_normalized",
+        huge_gradient="scale_dependent",
         make=lambda lr, gamma: metaopt.gradient_regularization(
             _momentum(lr), gamma, 0.01, direction="central", normalize=True
         ),
@@ -182,6 +201,8 @@ _SHAMPOO_STATIC = (
 ENTRIES += [
     Entry(
         name="shampoo",
+        nonfinite="skips",
+        huge_gradient="second_moment_overflows",
         make=lambda lr, damping: metaopt.shampoo(
             lr, damping=damping, weight_decay=1e-4, **_SHAMPOO_STRUCTURE
         ),
@@ -196,6 +217,8 @@ ENTRIES += [
         # Blocks of 4 with padding (the contract's MLP has 16-long axes and a [16, 8] matrix),
         # SGD grafting and Nesterov momentum.
         name="shampoo_blocked",
+        nonfinite="skips",
+        huge_gradient="second_moment_overflows",
         make=lambda lr, damping: metaopt.shampoo(
             lr,
             damping=damping,
@@ -222,6 +245,8 @@ ENTRIES += [
         # basis, built from the first gradient, which does not depend on the hyperparameters;
         # the derivative is then exact and finite differences must agree.
         name="soap",
+        nonfinite="skips",
+        huge_gradient="second_moment_overflows",
         make=lambda lr, b2: metaopt.soap(lr, b1=0.9, b2=b2, weight_decay=1e-4),
         inject=lambda lr, b2: optax.inject_hyperparams(metaopt.soap)(
             learning_rate=lr, b1=0.9, b2=b2, weight_decay=1e-4
@@ -275,3 +300,60 @@ COVERAGE = {
     "soap": "soap",
     "scale_by_soap": "soap",
 }
+
+
+# ----------------------------------------------------------------------------- constructors
+# Every public factory (transforms and the configuration classes) with the arguments it needs,
+# for the contract's checks of the constructor arguments. Every argument of a factory's
+# signature is numeric (a string or other non-number must raise a TypeError naming it) unless
+# it is listed in NON_NUMERIC_ARGUMENTS, so a new numeric argument is covered without editing
+# this file.
+_BASE = optax.sgd(0.1)
+CONSTRUCTORS = {
+    "ademamix": (metaopt.ademamix, {"learning_rate": 1e-3}),
+    "scale_by_ademamix": (metaopt.scale_by_ademamix, {}),
+    "simplified_ademamix": (metaopt.simplified_ademamix, {"learning_rate": 1e-3}),
+    "scale_by_simplified_ademamix": (metaopt.scale_by_simplified_ademamix, {}),
+    "sam": (metaopt.sam, {"base_optimizer": _BASE}),
+    "scale_by_sam": (metaopt.scale_by_sam, {}),
+    "asam": (metaopt.asam, {"base_optimizer": _BASE}),
+    "scale_by_asam": (metaopt.scale_by_asam, {}),
+    "gam": (metaopt.gam, {"base_optimizer": _BASE}),
+    "scale_by_gam": (metaopt.scale_by_gam, {}),
+    "gradient_regularization": (metaopt.gradient_regularization, {"base_optimizer": _BASE}),
+    "scale_by_gradient_regularization": (metaopt.scale_by_gradient_regularization, {}),
+    "shampoo": (metaopt.shampoo, {"learning_rate": 1e-3}),
+    "scale_by_shampoo": (metaopt.scale_by_shampoo, {}),
+    "soap": (metaopt.soap, {}),
+    "scale_by_soap": (metaopt.scale_by_soap, {}),
+    "Grafting": (metaopt.Grafting, {}),
+    "Blocking": (metaopt.Blocking, {}),
+}
+
+# Arguments that are not numbers: transforms, masks, dtypes, flags, choices and mesh axes.
+NON_NUMERIC_ARGUMENTS = {
+    "base_optimizer",
+    "mask",
+    "mu_dtype",
+    "statistics_dtype",
+    "preconditioner_dtype",
+    "axis_name",
+    "direction",
+    "normalize",
+    "nesterov",
+    "blocking",
+    "grafting",
+    "root_method",
+    "kind",
+    "merge_small_dimensions",
+    "one_sided",
+    "precondition_vectors",
+}
+
+
+def numeric_arguments(factory_name: str) -> list[str]:
+    """The numeric arguments of a public factory, read from its signature."""
+    factory, _ = CONSTRUCTORS[factory_name]
+    return [
+        name for name in inspect.signature(factory).parameters if name not in NON_NUMERIC_ARGUMENTS
+    ]

@@ -3,12 +3,15 @@
 Register a transform in ``tests/optimizer_registry.py`` and it is checked for: convergence on
 standard problems, jit equivalence, ``inject_hyperparams`` equivalence, differentiable
 hyperparameters (against finite differences, float64), dtype preservation, stable state, a
-bit-exact checkpoint round trip, sharded equals unsharded on an 8-device mesh, and no NaN for
-zero gradients.
+bit-exact checkpoint round trip, sharded equals unsharded on an 8-device mesh, no NaN for
+zero gradients, the documented handling of NaN, inf and huge (1e30) gradients, clear errors for
+gradients that do not match the parameters, empty updates for zero-size leaves, and, for every
+public factory, a TypeError naming the argument when a numeric argument is given a string.
 """
 
 from __future__ import annotations
 
+import inspect
 import io
 
 import jax
@@ -18,7 +21,14 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tests.optimizer_registry import COVERAGE, ENTRIES, ENTRY_BY_NAME, public_transforms
+from tests.optimizer_registry import (
+    CONSTRUCTORS,
+    COVERAGE,
+    ENTRIES,
+    ENTRY_BY_NAME,
+    numeric_arguments,
+    public_transforms,
+)
 
 NAMES = [entry.name for entry in ENTRIES]
 
@@ -311,3 +321,161 @@ def test_zero_gradient_gives_finite_updates_and_state(name):
         params = optax.apply_updates(params, updates)
     for leaf in jax.tree.leaves((params, updates, state)):
         assert np.all(np.isfinite(np.asarray(leaf, np.float64)))
+
+
+# ----------------------------------------------------------------------------- bad input
+def _small_problem(dtype):
+    params = {"w": jnp.full((4, 3), 0.5, dtype), "b": jnp.zeros(3, dtype)}
+
+    def loss(p):  # not separable: every gradient entry depends on every parameter
+        coupling = 0.1 * jnp.square(jnp.sum(p["w"]) + jnp.sum(p["b"]))
+        return jnp.sum(jnp.sin(p["w"]) ** 2) + jnp.sum(jnp.square(p["b"] - 1.0)) + coupling
+
+    return params, loss
+
+
+def _with_entry(grads, value):
+    """The gradient with one entry of ``w`` replaced (also in what grad_fn returns)."""
+    return {**grads, "w": grads["w"].at[1, 1].set(value)}
+
+
+def _warm_state(tx, params, loss, steps=3):
+    """Parameters and state after a few clean steps, so moments and statistics are not zero."""
+    params, state, _ = jax.jit(lambda p: _run(tx, loss, p, steps))(params)
+    return params, state
+
+
+def _finite(tree):
+    return all(
+        bool(np.all(np.isfinite(np.asarray(x, np.float64))))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
+    )
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nonfinite_gradient_is_skipped_or_visible(name):
+    entry = ENTRY_BY_NAME[name]
+    params, loss = _small_problem(jnp.float32)
+    tx = _with_extra_args(entry.make(0.01, entry.key_value))
+    params, state = _warm_state(tx, params, loss)
+    clean = jax.grad(loss)
+
+    @jax.jit
+    def step(s, p, bad):
+        bad_grad_fn = lambda q: _with_entry(clean(q), bad)
+        return tx.update(bad_grad_fn(p), s, p, grad_fn=bad_grad_fn)
+
+    clean_step = jax.jit(lambda s, p: tx.update(clean(p), s, p, grad_fn=clean))
+    for bad in (np.nan, np.inf, -np.inf):
+        updates, new_state = step(state, params, jnp.float32(bad))
+        if entry.nonfinite == "skips":
+            # The method's own step is skipped (weight decay in the alias may still act).
+            assert _finite(updates)
+            assert _finite(new_state), f"a skipped step wrote {bad} into the state"
+            assert _finite(clean_step(new_state, params))
+        else:
+            assert entry.nonfinite == "propagates"
+            # The leaf that received the bad value must show it, never a finite, wrong update.
+            assert not np.all(np.isfinite(np.asarray(updates["w"], np.float64))), bad
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_huge_gradient_is_exact_or_documented(name):
+    entry = ENTRY_BY_NAME[name]
+    results = {}
+    for dtype in (jnp.float32, jnp.float64):
+        params, loss = _small_problem(dtype)
+        tx = _with_extra_args(entry.make(0.01, entry.key_value))
+        params, state = _warm_state(tx, params, loss)
+        huge_grad_fn = lambda p, loss=loss: _with_entry(jax.grad(loss)(p), 1e30)
+        updates, _ = jax.jit(lambda g, s, p, f=huge_grad_fn: tx.update(g, s, p, grad_fn=f))(
+            huge_grad_fn(params), state, params
+        )
+        results[dtype] = (params, updates)
+    params32, updates32 = results[jnp.float32]
+    if entry.huge_gradient == "exact":
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(
+                np.asarray(a, np.float64), b, rtol=1e-5, atol=1e-6
+            ),
+            updates32,
+            results[jnp.float64][1],
+        )
+    elif entry.huge_gradient == "second_moment_overflows":
+        assert _finite(optax.apply_updates(params32, updates32))
+    else:
+        assert entry.huge_gradient == "scale_dependent"
+
+
+@pytest.mark.parametrize("mismatch", ["shape", "missing_leaf"])
+@pytest.mark.parametrize("name", NAMES)
+def test_mismatched_gradient_tree_is_a_clear_error(name, mismatch):
+    entry = ENTRY_BY_NAME[name]
+    params, loss = _small_problem(jnp.float32)
+    tx = _with_extra_args(entry.make(0.01, entry.key_value))
+    state = tx.init(params)
+    grads = jax.grad(loss)(params)
+    if mismatch == "shape":  # broadcastable against the parameter: must not pass silently
+        grads, expected = {**grads, "w": grads["w"][:, :1]}, r"\['w'\].*\(4, 1\).*\(4, 3\)"
+    else:
+        grads, expected = {"w": grads["w"]}, r"tree structure|\['b'\]"
+    with pytest.raises((ValueError, TypeError), match=expected):
+        tx.update(grads, state, params, grad_fn=lambda p: grads)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_zero_size_leaf_gets_an_empty_update(name):
+    entry = ENTRY_BY_NAME[name]
+    params = {"w": jnp.full((4, 3), 0.5, jnp.float32), "empty": jnp.zeros((3, 0), jnp.float32)}
+
+    def loss(p):
+        return jnp.sum(jnp.sin(p["w"]) ** 2) + jnp.sum(p["empty"])
+
+    tx = _with_extra_args(entry.make(0.01, entry.key_value))
+    grad_fn = jax.grad(loss)
+    params, state = _warm_state(tx, params, loss)
+    updates, state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn)
+    assert updates["empty"].shape == (3, 0) and updates["empty"].dtype == jnp.float32
+    assert _finite((updates, state, params))
+
+
+# ----------------------------------------------------------------------------- constructors
+CONSTRUCTOR_ARGUMENTS = [
+    (factory, argument)
+    for factory in sorted(CONSTRUCTORS)
+    for argument in numeric_arguments(factory)
+]
+
+
+def test_every_public_factory_is_in_the_constructor_checks():
+    # The transform factories and the configuration classes Shampoo and SOAP take.
+    missing = (public_transforms() | {"Blocking", "Grafting"}) - set(CONSTRUCTORS)
+    assert not missing, f"add these to CONSTRUCTORS in tests/optimizer_registry.py: {missing}"
+
+
+@pytest.mark.parametrize("factory_name, argument", CONSTRUCTOR_ARGUMENTS)
+def test_string_hyperparameter_is_rejected_at_construction(factory_name, argument):
+    factory, required = CONSTRUCTORS[factory_name]
+    with pytest.raises(TypeError, match=rf"\b{argument}='0\.9'"):
+        factory(**{**required, argument: "0.9"})
+
+
+@pytest.mark.parametrize("factory_name, argument", CONSTRUCTOR_ARGUMENTS)
+def test_numeric_hyperparameter_types_are_accepted(factory_name, argument):
+    factory, required = CONSTRUCTORS[factory_name]
+    parameter = inspect.signature(factory).parameters[argument]
+    default = required.get(argument, parameter.default)
+    if isinstance(default, bool) or not isinstance(default, float):
+        pytest.skip("whole-number and optional arguments have their own checks")
+    for value in (default, np.float32(default), np.float64(default), jnp.asarray(default)):
+        factory(**{**required, argument: value})
+
+    @jax.jit
+    def construct_with_traced(v):  # as optax.inject_hyperparams and jax.grad pass it
+        factory(**{**required, argument: v})
+        return v
+
+    construct_with_traced(jnp.asarray(default))
+    if "Schedule" in str(parameter.annotation):
+        factory(**{**required, argument: optax.constant_schedule(default)})

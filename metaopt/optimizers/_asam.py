@@ -56,7 +56,7 @@ def scale_by_asam(
     ):
         del extra_args
         _common.require_grad_fn("scale_by_asam", grad_fn, params)
-        grad_fn = _common.gradient_function("scale_by_asam", grad_fn, params, all_params)
+        grad_fn = _common.gradient_function("scale_by_asam", grad_fn, updates, params, all_params)
         rho_t = _common.value_at(rho, state.count)
         eta_t = _common.value_at(eta, state.count)
         direction = _common.mean_over_axis(updates, axis_name)

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from metaopt.optimizers._tree_checks import check_matching
+
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 
 
@@ -263,8 +265,13 @@ def _is_masked_node(x: Any) -> bool:
     return isinstance(x, optax.MaskedNode)
 
 
-def gradient_function(algorithm: str, grad_fn: Any, params: Any, all_params: Any) -> Any:
+def gradient_function(
+    algorithm: str, grad_fn: Any, updates: Any, params: Any, all_params: Any
+) -> Any:
     """The function a sharpness-aware transform evaluates gradients with.
+
+    First checks that ``updates`` match ``params`` leaf by leaf (a ValueError naming the leaf
+    and both shapes; a mismatched shape could otherwise broadcast silently).
 
     Outside ``optax.masked`` and ``optax.multi_transform`` it is ``grad_fn`` itself. Inside, the
     transform sees only its part of the parameters (``optax.MaskedNode`` elsewhere), while
@@ -272,6 +279,7 @@ def gradient_function(algorithm: str, grad_fn: Any, params: Any, all_params: Any
     into ``all_params``, calls ``grad_fn`` there and keeps the visible part of the gradient, so
     the parameters outside the mask stay at their current values and are not perturbed.
     """
+    check_matching("updates", updates, "params", params)
     if not any(_is_masked_node(x) for x in jax.tree.leaves(params, is_leaf=_is_masked_node)):
         return grad_fn
     if all_params is None or any(

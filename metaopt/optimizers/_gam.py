@@ -71,7 +71,7 @@ def scale_by_gam(
     ):
         del extra_args
         _common.require_grad_fn("scale_by_gam", grad_fn, params)
-        grad_fn = _common.gradient_function("scale_by_gam", grad_fn, params, all_params)
+        grad_fn = _common.gradient_function("scale_by_gam", grad_fn, updates, params, all_params)
         rho_t = _common.value_at(rho, state.count)
         alpha_t = _common.value_at(alpha, state.count)
         radius = rho_t if fd_radius is None else _common.value_at(fd_radius, state.count)

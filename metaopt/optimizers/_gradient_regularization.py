@@ -86,7 +86,7 @@ def scale_by_gradient_regularization(
         del extra_args
         _common.require_grad_fn("scale_by_gradient_regularization", grad_fn, params)
         grad_fn = _common.gradient_function(
-            "scale_by_gradient_regularization", grad_fn, params, all_params
+            "scale_by_gradient_regularization", grad_fn, updates, params, all_params
         )
         gamma_t = _common.value_at(gamma, state.count)
         epsilon_t = _common.value_at(epsilon, state.count)

@@ -93,7 +93,7 @@ def scale_by_sam(
     ):
         del extra_args
         _common.require_grad_fn("scale_by_sam", grad_fn, params)
-        grad_fn = _common.gradient_function("scale_by_sam", grad_fn, params, all_params)
+        grad_fn = _common.gradient_function("scale_by_sam", grad_fn, updates, params, all_params)
         rho_t = _common.value_at(rho, state.count)
         direction = _common.mean_over_axis(updates, axis_name)
         norm = _common.global_norm(direction)

@@ -15,6 +15,7 @@ import optax
 
 from metaopt.optimizers import _common
 from metaopt.optimizers._common import ScalarOrSchedule
+from metaopt.optimizers._tree_checks import check_matching
 
 
 class ScaleBySimplifiedAdEMAMixState(NamedTuple):
@@ -83,6 +84,7 @@ def scale_by_simplified_ademamix(
         )
 
     def update_fn(updates, state, params=None):
+        check_matching("updates", updates, "state.nu", state.nu)
         del params
         count = _common.increment(state.count)
         b1_t = _common.value_at(b1, state.count)

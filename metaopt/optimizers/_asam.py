@@ -35,6 +35,10 @@ def scale_by_asam(
     weights, so the sharpness it measures does not change when a layer is rescaled. Calls
     ``grad_fn`` exactly once per update; a zero gradient gives a zero perturbation.
 
+    Inside ``optax.masked`` or ``optax.multi_transform``, pass the whole parameter tree as
+    ``all_params=`` to ``update`` (see :func:`scale_by_sam`). Hyperparameters must be finite
+    numbers, arrays or schedules: anything else raises at construction, naming the argument.
+
     References:
       Kwon et al., `ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant Learning
       of Deep Neural Networks <https://arxiv.org/abs/2102.11600>`_, ICML 2021.

@@ -44,6 +44,10 @@ def scale_by_gam(
     gradient evaluations per step, as in the paper's implementation). On a quadratic loss the
     differences are exact. Zero gradients give zero directions, never NaN.
 
+    Inside ``optax.masked`` or ``optax.multi_transform``, pass the whole parameter tree as
+    ``all_params=`` to ``update`` (see :func:`scale_by_sam`). Hyperparameters must be finite
+    numbers, arrays or schedules: anything else raises at construction, naming the argument.
+
     References:
       Zhang et al., `Gradient Norm Aware Minimization Seeks First-Order Flatness and Improves
       Generalization <https://arxiv.org/abs/2303.03108>`_, CVPR 2023.

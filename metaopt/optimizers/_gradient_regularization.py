@@ -56,6 +56,10 @@ def scale_by_gradient_regularization(
     :math:`\epsilon` as in SAM, and rescales the difference by :math:`\lVert g\rVert`; it
     approximates the same :math:`Hg`.
 
+    Inside ``optax.masked`` or ``optax.multi_transform``, pass the whole parameter tree as
+    ``all_params=`` to ``update`` (see :func:`scale_by_sam`). Hyperparameters must be finite
+    numbers, arrays or schedules: anything else raises at construction, naming the argument.
+
     References:
       Karakida et al., `Understanding Gradient Regularization in Deep Learning: Efficient
       Finite-Difference Computation and Implicit Bias <https://arxiv.org/abs/2210.02720>`_,

@@ -66,7 +66,13 @@ def scale_by_sam(
     keyword argument ``grad_fn`` (parameters to gradient on the current batch) and calls it
     exactly once, so a SAM step costs two gradient evaluations: the one that produced ``g`` and
     this one. Chain it in front of any optax optimizer (see :func:`sam`). A zero gradient gives a
-    zero perturbation (no NaN), in values and in derivatives.
+    zero perturbation (no NaN), in values and in derivatives; a NaN or inf in the gradient shows
+    in ``state.gradient_norm`` (NaN or inf) and in the returned gradient.
+
+    Inside ``optax.masked`` or ``optax.multi_transform`` the transform sees only its part of the
+    parameters (``optax.MaskedNode`` elsewhere), so ``update`` also needs the whole tree as the
+    keyword argument ``all_params``; the perturbation, and its norm, then cover only the leaves
+    the transform sees, and the other leaves keep their values when ``grad_fn`` is called.
 
     Data parallelism: under ``jax.jit`` with a batch sharded over devices, the gradient is
     already the global one and nothing more is needed. Inside ``shard_map`` (or ``pmap``) with
@@ -83,8 +89,13 @@ def scale_by_sam(
       rho: radius of the neighbourhood, nonnegative: a float, traced array or schedule.
       axis_name: mesh axis over which gradients are averaged, or None.
 
+    Raises:
+      ValueError: ``rho`` is negative, infinite or NaN.
+      TypeError: ``rho`` is not a number, an array or a schedule (a string, for example).
+
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes ``grad_fn=``.
+      An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes ``grad_fn=`` (and
+      ``all_params=`` inside ``optax.masked``).
     """
     _common.check_nonnegative("rho", rho, "The paper uses rho between 0.01 and 0.5.")
 
@@ -130,7 +141,8 @@ def sam(
       0.0000
 
     Args:
-      base_optimizer: the optax transform that turns SAM's gradient into an update.
+      base_optimizer: the optax transform that turns SAM's gradient into an update; anything
+        else (a name such as ``"adam"``, None) is a TypeError.
       rho: neighbourhood radius.
       axis_name: mesh axis over which gradients are averaged (see :func:`scale_by_sam`).
 

@@ -196,7 +196,8 @@ def test_indefinite_inner_hessian_of_a_nonconvex_mlp_is_flagged():
             scale,
             optimizer=optax.sgd(0.1),
             steps=3,
-            diff=bilevel.Implicit(solver),
+            # The adjoint solve is under test: three steps are a fixed budget, not checked.
+            diff=bilevel.Implicit(solver, rtol=None),
         )
         return jnp.sum(params["w2"])
 
@@ -208,7 +209,7 @@ def test_indefinite_inner_hessian_of_a_nonconvex_mlp_is_flagged():
         jax.block_until_ready(jax.grad(outer)(1.0, CG()))
     # MINRES handles the symmetric indefinite system.
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", metaopt.bilevel.InnerSolveWarning)
+        warnings.simplefilter("error")
         assert np.isfinite(float(jax.grad(outer)(1.0, MINRES(tol=1e-8))))
 
 
@@ -338,3 +339,193 @@ def _solve_ridge(penalty):
         inner_ridge, jnp.zeros(5), penalty, optimizer=optax.sgd(STEP), steps=3000, tol=1e-10
     )
     return w
+
+
+# A 3-dimensional quadratic for the truncation tests: inner(w, theta) = 1/2 w'Aw - theta'w.
+QUADRATIC = jnp.asarray([[3.0, 0.5, 0.0], [0.5, 1.0, 0.2], [0.0, 0.2, 0.5]])
+THETA = jnp.asarray([1.0, -0.5, 0.25])
+
+
+def inner_quadratic(w, theta):
+    return 0.5 * w @ QUADRATIC @ w - theta @ w
+
+
+TRUNCATION_OPTIMIZERS = {
+    "momentum": optax.sgd(0.2, momentum=0.9),
+    "adam": optax.adam(0.1),
+    # A float64 schedule (optax's return float32 values, which round differently in and out of
+    # jit): the step count must run on, not restart.
+    "schedule": optax.sgd(lambda count: 0.3 / (1.0 + 0.1 * jnp.asarray(count, jnp.float64))),
+}
+
+
+def _truncated_reference(optimizer, theta, steps, k, frozen_theta=None):
+    """The last ``k`` of ``steps`` optax steps differentiable in theta; a plain Python loop.
+
+    The first ``steps - k`` steps run with ``frozen_theta`` (default: theta under
+    stop_gradient), so the derivative flows through the last ``k`` steps only, and the
+    optimizer state is carried through all of them, as in one uninterrupted run.
+    """
+    frozen = jax.lax.stop_gradient(theta) if frozen_theta is None else frozen_theta
+    w = jnp.zeros(3)
+    state = optimizer.init(w)
+    for i in range(steps):
+        current = frozen if i < steps - k else theta
+        gradient = jax.grad(inner_quadratic)(w, current)
+        updates, state = optimizer.update(gradient, state, w)
+        w = optax.apply_updates(w, updates)
+    return w
+
+
+@pytest.mark.parametrize("name", list(TRUNCATION_OPTIMIZERS))
+@pytest.mark.parametrize("fallback", [False, True], ids=["truncated", "implicit_fallback"])
+def test_truncated_continues_the_optimizer_and_differentiates_the_last_k_steps(name, fallback):
+    optimizer = TRUNCATION_OPTIMIZERS[name]
+    steps, k = 40, 5
+    # As the fallback of Implicit, a tolerance that 40 steps cannot reach makes it run.
+    diff = bilevel.Implicit(on_failure=bilevel.Truncated(k)) if fallback else bilevel.Truncated(k)
+    tol = 1e-30 if fallback else None
+
+    def solution(theta, diff=diff):
+        return bilevel.solve(
+            inner_quadratic,
+            jnp.zeros(3),
+            theta,
+            optimizer=optimizer,
+            steps=steps,
+            tol=tol,
+            diff=diff,
+        )[0]
+
+    unrolled = solution(THETA, bilevel.Unrolled())
+    np.testing.assert_allclose(solution(THETA), unrolled, rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(
+        unrolled, _truncated_reference(optimizer, THETA, steps, steps), rtol=1e-14
+    )
+
+    def outer(w):
+        return jnp.sum(w * jnp.asarray([1.0, 2.0, -1.0]))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fallback is requested: it runs silently
+        got = jax.jit(jax.grad(lambda t: outer(solution(t))))(THETA)
+    reference = jax.grad(lambda t: outer(_truncated_reference(optimizer, t, steps, k)))(THETA)
+    np.testing.assert_allclose(got, reference, rtol=1e-12)
+    # Finite differences of the truncated map: the first steps - k steps frozen at THETA.
+    h = 1e-6
+    finite = [
+        (
+            outer(_truncated_reference(optimizer, THETA + h * e, steps, k, THETA))
+            - outer(_truncated_reference(optimizer, THETA - h * e, steps, k, THETA))
+        )
+        / (2 * h)
+        for e in jnp.eye(3)
+    ]
+    np.testing.assert_allclose(got, finite, rtol=1e-7)
+    # Truncation changes the derivative: the full one differs.
+    full = jax.grad(lambda t: outer(solution(t, bilevel.Unrolled())))(THETA)
+    assert float(jnp.max(jnp.abs(full - got))) > 1e-3
+
+
+def test_truncated_reports_the_steps_actually_taken():
+    def run(diff):
+        return bilevel.solve(
+            inner_quadratic,
+            jnp.zeros(3),
+            THETA,
+            optimizer=optax.sgd(0.3),
+            steps=1000,
+            tol=1e-8,
+            diff=diff,
+        )
+
+    w, info = run(bilevel.Unrolled())
+    taken = int(info.steps)
+    assert 5 < taken < 995 and bool(info.converged)
+    for diff in (bilevel.Truncated(5), bilevel.Implicit(), bilevel.FirstOrder()):
+        w_diff, info_diff = run(diff)
+        assert int(info_diff.steps) == taken, diff
+        np.testing.assert_allclose(w_diff, w, rtol=1e-14)
+
+
+def test_implicit_without_tol_flags_an_unconverged_inner_solve():
+    penalty = jnp.asarray(1.0)
+    short = _outer(bilevel.Implicit(), steps=3, tol=None)
+    with pytest.warns(metaopt.bilevel.InnerSolveWarning, match="did not reach its tolerance"):
+        wrong = float(jax.block_until_ready(jax.grad(short)(penalty)))
+    exact = float(jax.grad(exact_outer)(penalty))
+    assert abs(wrong - exact) > 0.1 * abs(exact)  # what the warning is about
+    nan_policy = _outer(bilevel.Implicit(on_failure="nan"), steps=3, tol=None)
+    assert np.isnan(float(jax.grad(nan_policy)(penalty)))
+
+    # The criterion, checked with NumPy: |g_K| <= rtol |g_0| (rtol = 1e-3 by default).
+    def report(steps, init, diff=None):
+        w, info = bilevel.solve(
+            inner_ridge, init, penalty, optimizer=optax.sgd(STEP), steps=steps, diff=diff
+        )  # diff None: Implicit() with its default test
+        x, y = np.asarray(X), np.asarray(Y)
+
+        def gradient(v):
+            return x.T @ (x @ np.asarray(v) - y) + float(penalty) * np.asarray(v)
+
+        ratio = np.linalg.norm(gradient(w)) / np.linalg.norm(gradient(init))
+        np.testing.assert_allclose(
+            float(info.gradient_norm), np.linalg.norm(gradient(w)), rtol=1e-9, atol=1e-13
+        )
+        return ratio, bool(info.converged)
+
+    for steps in (3, 10, 20, 300):
+        ratio, converged = report(steps, jnp.zeros(5))
+        assert converged == (ratio <= 1e-3), (steps, ratio)
+    # 10 steps leave 3.5e-3 of the initial gradient, 20 steps 5.9e-5.
+    assert not report(10, jnp.zeros(5))[1] and report(20, jnp.zeros(5))[1]
+    assert report(3, jnp.zeros(5), bilevel.Implicit(rtol=0.5))[1]
+    # An init that is already optimal counts as converged (the absolute floor).
+    w_star = jnp.linalg.solve(X.T @ X + penalty * jnp.eye(5), X.T @ Y)
+    assert report(5, w_star)[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jax.block_until_ready(jax.grad(_outer(bilevel.Implicit(), steps=3000, tol=None))(penalty))
+        jax.block_until_ready(
+            jax.grad(_outer(bilevel.Implicit(rtol=None), steps=3, tol=None))(penalty)
+        )
+    with pytest.raises(ValueError, match="rtol"):
+        bilevel.Implicit(rtol=-1.0)
+    with pytest.raises(ValueError, match="atol"):
+        bilevel.Implicit(atol=-1.0)
+
+
+def _counting_sgd(counter):
+    """optax.sgd(STEP) that counts, on the host, every update it computes."""
+
+    def update(updates, state, params=None):
+        del params
+        jax.debug.callback(lambda: counter.append(1))
+        return jax.tree.map(lambda g: -STEP * g, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+@pytest.mark.parametrize("steps", [5, 50, 97])
+@pytest.mark.parametrize("checkpoint", [True, 7])
+def test_checkpointed_unrolling_runs_exactly_the_requested_steps(steps, checkpoint):
+    counter = []
+    w, info = bilevel.solve(
+        inner_ridge,
+        jnp.zeros(5),
+        1.0,
+        optimizer=_counting_sgd(counter),
+        steps=steps,
+        diff=bilevel.Unrolled(checkpoint=checkpoint),
+    )
+    jax.block_until_ready(w)
+    assert len(counter) == steps and int(info.steps) == steps
+    plain, _ = bilevel.solve(
+        inner_ridge,
+        jnp.zeros(5),
+        1.0,
+        optimizer=optax.sgd(STEP),
+        steps=steps,
+        diff=bilevel.Unrolled(),
+    )
+    np.testing.assert_array_equal(w, plain)

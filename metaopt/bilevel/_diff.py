@@ -85,23 +85,48 @@ class Implicit:
       linear_solver: solver for the adjoint system (:class:`metaopt.implicit.CG` for a convex
         inner problem, :class:`metaopt.implicit.MINRES` when the inner Hessian may be
         indefinite, a fixed small number of CG steps as in iMAML).
-      on_failure: what happens when the inner solve did not reach ``tol`` or the adjoint solve
-        did not converge or met negative curvature (for a solver with a fixed iteration
-        budget, such as ``CG(fixed_iterations=True)``, only negative curvature): ``"warn"``
-        (default: a warning at run time, one per batch under ``vmap``, the event is in the
-        diagnostics, the derivative is returned), ``"nan"`` (the
-        hypergradient is NaN), ``"raise"`` (a runtime error), ``"ignore"``, or another diff
-        mode (``Unrolled(...)``, ``Truncated(k)``, ``FirstOrder()``) to fall back to when the
+      on_failure: what happens when the inner solve did not converge (see ``rtol``) or the
+        adjoint solve did not converge or met negative curvature (for a solver with a fixed
+        iteration budget, such as ``CG(fixed_iterations=True)``, only negative curvature):
+        ``"warn"`` (default: a warning at run time, one per batch under ``vmap``, the event is
+        in the diagnostics, the derivative is returned), ``"nan"`` (the hypergradient is
+        NaN), ``"raise"`` (a runtime error), ``"ignore"``, or another diff mode
+        (``Unrolled(...)``, ``Truncated(k)``, ``FirstOrder()``) to fall back to when the
         inner solve did not converge: the solve is then redone and differentiated that way,
         only on the runs that need it (a ``lax.cond``); adjoint failures still warn. The
         fallback's backward memory is reserved even when it is not taken, so prefer
         ``Unrolled(checkpoint=True)`` or ``Truncated(k)`` as fallbacks.
+      rtol: when :func:`solve` has no ``tol``, the inner solve counts as converged when its
+        final gradient norm is at most ``rtol`` times the gradient norm at ``init``
+        (default :math:`10^{-3}`), or at most ``atol``. None: a fixed budget of steps, as in
+        iMAML, that counts as converged whenever the final gradient is finite. With ``tol``
+        the test is ``gradient_norm <= tol``, and ``rtol`` and ``atol`` do not apply.
+      atol: the absolute floor of that test, so that an ``init`` that is already a solution
+        (a gradient at round-off level) counts as converged; None (default) is 100 machine
+        epsilons of the parameters' dtype (2.2e-14 in float64, 1.2e-5 in float32). Set it for
+        a gradient whose scale is far from 1.
+
+    The convergence test without ``tol``: :math:`\lVert g_K\rVert \le \max(\text{rtol}\,
+    \lVert g_0\rVert, \text{atol})`, with :math:`g_0` and :math:`g_K` the inner gradients at
+    ``init`` and at the returned parameters. The implicit derivative's error is first order in
+    :math:`\lVert g_K\rVert` (times the inverse Hessian's norm); a relative test needs no
+    knowledge of the gradient's scale, and costs nothing inside the loop (both norms are
+    computed once, outside it).
     """
 
     linear_solver: LinearSolver = dataclasses.field(default_factory=CG)
     on_failure: OnFailure | Unrolled | Truncated | FirstOrder = "warn"
+    rtol: float | None = 1e-3
+    atol: float | None = None
 
     def __post_init__(self):
+        for name in ("rtol", "atol"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not value >= 0):
+                raise ValueError(
+                    f"{name} must be None or a number >= 0 (the inner convergence test "
+                    f"without tol), got {name}={value!r}."
+                )
         fallback = isinstance(self.on_failure, Unrolled | Truncated | FirstOrder)
         if not fallback and self.on_failure not in _POLICIES:
             raise ValueError(

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import optax
 
-from metaopt.bilevel._solve import SolveDiagnostics, _diagnostics, _run
+from metaopt.bilevel._diff import Implicit
+from metaopt.bilevel._solve import SolveDiagnostics, _InnerLoop
 from metaopt.implicit import CG, LinearSolveInfo, LinearSolver
 
 
@@ -76,7 +76,8 @@ def value_and_hypergradient(
       *hparams: the hyperparameters.
       optimizer: the inner optax transform.
       steps: maximum number of inner steps.
-      tol: inner gradient-norm tolerance, or None to run all ``steps``.
+      tol: inner gradient-norm tolerance, or None to run all ``steps`` (the inner solve is
+        then reported converged by :class:`Implicit`'s default relative test).
       linear_solver: solver for the adjoint system; :class:`metaopt.implicit.CG` if None.
 
     Returns:
@@ -87,9 +88,10 @@ def value_and_hypergradient(
         raise ValueError(f"steps must be a positive integer, got steps={steps!r}.")
     linear_solver = CG() if linear_solver is None else linear_solver
     optimizer = optax.with_extra_args_support(optimizer)
-    loop = functools.partial(_run, inner_loss, optimizer, tol)
-    carry = loop(jax.lax.stop_gradient(init), jax.lax.stop_gradient(hparams), steps, mode="while")
-    params = carry.params
+    inner = _InnerLoop(inner_loss, optimizer, tol)
+    frozen_init, frozen_hparams = jax.lax.stop_gradient((init, hparams))
+    end = inner.run(frozen_hparams, inner.start(frozen_init), steps)
+    params = end.params
 
     argnums = tuple(range(len(hparams) + 1))
     value, (outer_x, *outer_theta) = jax.value_and_grad(outer_loss, argnums=argnums)(
@@ -109,4 +111,7 @@ def value_and_hypergradient(
         jax.tree.map(lambda d, i: d - i, direct, ind)
         for direct, ind in zip(outer_theta, indirect, strict=True)
     )
-    return value, hypergradients, HypergradientDiagnostics(_diagnostics(carry, tol), adjoint_info)
+    # The inner convergence test is Implicit()'s: tol if given, else relative (rtol 1e-3).
+    default = Implicit()
+    inner_info = inner.diagnostics(end, frozen_hparams, (default.rtol, default.atol))
+    return value, hypergradients, HypergradientDiagnostics(inner_info, adjoint_info)

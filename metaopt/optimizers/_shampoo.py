@@ -147,6 +147,10 @@ def scale_by_shampoo(
     (zero update, state unchanged, ``state.skipped_steps`` counts it), because one NaN would
     otherwise live in the statistics forever.
 
+    The gradients must have the tree structure and leaf shapes of the parameters given to
+    ``init``; otherwise ``update`` raises a ``ValueError`` naming the leaf and both shapes (no
+    broadcasting). A tensor with no elements gets an empty update (the grafted method's).
+
     Derivatives with respect to the hyperparameters (``jax.grad`` through training) are exact:
     the roots are differentiated as matrix functions (see :func:`matrix_inverse_pth_root`).
 

@@ -83,7 +83,10 @@ def scale_by_soap(
     refreshed every ``preconditioning_frequency`` steps by one step of power iteration with QR,
     :math:`Q \leftarrow \mathrm{QR}(L Q)`, after sorting the columns (and ``v`` with them) by the
     estimated eigenvalues :math:`\mathrm{diag}(Q^\top L Q)`, as in the paper's implementation.
-    Tensors with no preconditioned axis (vectors by default) get plain Adam.
+    Tensors with no preconditioned axis (vectors by default, and tensors with no elements) get
+    plain Adam. The gradients must have the tree structure and leaf shapes of the parameters
+    given to ``init``; otherwise ``update`` raises a ``ValueError`` naming the leaf and both
+    shapes.
 
     Two guards against numerical trouble. A rotated coordinate whose second moment is at the
     level of the rotations' round-off (below :math:`(32\,\epsilon_{\mathrm{mach}})^2` times

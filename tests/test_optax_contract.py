@@ -20,8 +20,11 @@ import functools
 import inspect
 from unittest import mock
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+import pytest
 from absl.testing import parameterized
 from optax.contrib import _common_test as optax_contract
 
@@ -124,3 +127,164 @@ def test_every_optax_contract_test_is_rerun():
     ours = {name for name in vars(OptaxContractTest) if name.startswith("test_")}
     ours = {name.rstrip("0123456789") for name in ours}
     assert theirs <= ours, sorted(theirs - ours)
+
+
+# ----------------------------------------------------------------------------- with grad_fn
+# The same properties for the sharpness-aware optimizers, whose update needs grad_fn. Radii and
+# penalties are small so that the methods' minimizers lie within optax's tolerance (3e-2) of the
+# unmodified loss's minimizer; the base optimizer is Adam at optax's learning rates.
+SHARPNESS_AWARE = {
+    "sam": lambda base, r: metaopt.sam(base, rho=r),
+    "asam": lambda base, r: metaopt.asam(base, rho=r),
+    "gam": lambda base, r: metaopt.gam(base, rho=r, alpha=0.1),
+    "gradient_regularization": lambda base, r: metaopt.gradient_regularization(
+        base, gamma=r, epsilon=r
+    ),
+}
+RADIUS = 1e-3
+TARGETS = {
+    "parabola": optax_contract._setup_parabola,
+    "rosenbrock": optax_contract._setup_rosenbrock,
+    "matrix_parabola": optax_contract._setup_matrix_parabola,
+    "mixed_tensor_target": optax_contract._setup_mixed_tensor_target,
+}
+
+
+def _sharpness_aware(name, learning_rate=1e-2, radius=RADIUS):
+    return SHARPNESS_AWARE[name](optax.adam(learning_rate), radius)
+
+
+def _squared_norm(x):
+    return optax.tree.norm(x, squared=True)
+
+
+@pytest.mark.parametrize("name", sorted(SHARPNESS_AWARE))
+def test_sharpness_aware_accepts_extra_args_without_recompiling(name):
+    opt = _sharpness_aware(name)
+    initial, _, objective = optax_contract._setup_rosenbrock(jnp.float32)
+
+    @jax.jit
+    def step(params, state):
+        grads = jax.grad(objective)(params)
+        updates, state = opt.update(
+            grads, state, params, grad_fn=jax.grad(objective), an_argument_it_does_not_expect=1
+        )
+        return optax.apply_updates(params, updates), state
+
+    params, state = step(initial, opt.init(initial))
+    with optax_contract.test_utils.log_compilations() as compilations:
+        step(params, state)
+    assert not compilations, "the update recompiles on its second call"
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+@pytest.mark.parametrize("name", sorted(SHARPNESS_AWARE))
+def test_sharpness_aware_tree_map_params_and_convergence(name, target):
+    opt = _sharpness_aware(name)
+    initial, final, objective = TARGETS[target](jnp.float32)
+    grad_fn = jax.grad(objective)
+    state = optax.tree.map_params(opt, lambda v: v, opt.init(initial))
+
+    def step(carry, _):
+        params, state = carry
+        updates, state = opt.update(grad_fn(params), state, params, grad_fn=grad_fn)
+        return (optax.apply_updates(params, updates), state), None
+
+    (params, _), _ = jax.jit(lambda c: jax.lax.scan(step, c, length=30_000))((initial, state))
+    optax_contract.test_utils.assert_trees_all_close(params, final, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("name", sorted(SHARPNESS_AWARE))
+def test_sharpness_aware_inject_hyperparams_gives_the_same_step(name):
+    factory = {
+        "sam": (metaopt.sam, {"rho": 0.05}),
+        "asam": (metaopt.asam, {"rho": 0.5, "eta": 0.01}),
+        "gam": (metaopt.gam, {"rho": 0.05, "alpha": 0.1}),
+        "gradient_regularization": (
+            metaopt.gradient_regularization,
+            {"gamma": 0.05, "epsilon": 0.05},
+        ),
+    }[name]
+    function, hyperparameters = factory
+    kwargs = {"base_optimizer": optax.adam(1e-3), **hyperparameters}
+    opt = function(**kwargs)
+    injected = optax.inject_hyperparams(function)(**kwargs)
+    params = [-jnp.ones((2, 3)), jnp.ones((2, 5, 2))]
+    grads = [jnp.ones((2, 3)), -jnp.ones((2, 5, 2))]
+    grad_fn = jax.grad(_squared_norm)
+    updates, state = jax.jit(functools.partial(opt.update, grad_fn=grad_fn))(
+        grads, jax.jit(opt.init)(params), params
+    )
+    updates_injected, state_injected = jax.jit(functools.partial(injected.update, grad_fn=grad_fn))(
+        grads, jax.jit(injected.init)(params), params
+    )
+    optax_contract.test_utils.assert_trees_all_close(updates_injected, updates, rtol=1e-5)
+    optax_contract.test_utils.assert_trees_all_close(
+        state_injected.inner_state, state, rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("name", sorted(SHARPNESS_AWARE))
+def test_sharpness_aware_preserves_dtype(name, dtype):
+    opt = _sharpness_aware(name)
+    params = jnp.array([1.0, 2.0], dtype=dtype)
+    grad_fn = jax.grad(lambda x: jnp.sum(x**2))
+    update = jax.jit(functools.partial(opt.update, grad_fn=grad_fn))
+    updates, _ = update(grad_fn(params), jax.jit(opt.init)(params), params)
+    assert updates.dtype == params.dtype
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("name", sorted(SHARPNESS_AWARE))
+def test_sharpness_aware_gradient_accumulation(name, dtype):
+    opt = optax.MultiSteps(_sharpness_aware(name), every_k_schedule=4)
+    params = jnp.array([1.0, 2.0], dtype=dtype)
+    grad_fn = jax.grad(lambda x: jnp.sum(x**2))
+    update = jax.jit(functools.partial(opt.update, grad_fn=grad_fn))
+    updates, _ = update(grad_fn(params), jax.jit(opt.init)(params), params)
+    optax_contract.test_utils.assert_trees_all_equal(updates, jnp.zeros_like(params))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64])
+@pytest.mark.parametrize("name", sorted(SHARPNESS_AWARE))
+def test_sharpness_aware_state_dtype_is_stable(name, dtype):
+    opt = _sharpness_aware(name)
+    initial, _, objective = optax_contract._setup_parabola(dtype)
+    grad_fn = jax.grad(objective)
+
+    @jax.jit
+    def step(params, state):
+        # lax.cond fails to trace unless both branches give the same dtypes and shapes.
+        take = jax.random.randint(jax.random.key(0), (), 0, 2) == 0
+        updates, state = jax.lax.cond(
+            take,
+            lambda: opt.update(grad_fn(params), state, params, grad_fn=grad_fn),
+            lambda: (params, state),
+        )
+        return optax.apply_updates(params, updates), state
+
+    params, state = initial, opt.init(initial)
+    for _ in range(2):
+        params, new_state = step(params, state)
+        assert params.dtype == dtype
+        keep = jax.random.randint(jax.random.key(0), (), 0, 2) == 0
+        state = jax.lax.cond(keep, lambda s=state: s, lambda s=new_state: s)
+
+
+@pytest.mark.parametrize("name", sorted(SHARPNESS_AWARE))
+def test_sharpness_aware_accepts_schedules(name):
+    # optax checks a learning-rate schedule; these transforms take their radius or penalty as a
+    # schedule too (the learning rate belongs to the base optimizer).
+    initial, _, objective = optax_contract._setup_parabola(jnp.float32)
+    grad_fn = jax.grad(objective)
+    results = []
+    for radius in (RADIUS, optax.constant_schedule(RADIUS)):
+        opt = _sharpness_aware(name, learning_rate=1e-3, radius=radius)
+        params, state = initial, opt.init(initial)
+        for _ in range(10):
+            updates, state = opt.update(grad_fn(params), state, params, grad_fn=grad_fn)
+            params = optax.apply_updates(params, updates)
+        results.append(params)
+    optax_contract.test_utils.assert_trees_all_close(*results)
+    assert np.max(np.abs(np.asarray(results[0] - initial))) > 1e-3

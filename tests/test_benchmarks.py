@@ -171,6 +171,7 @@ def test_tiny_implicit_run_writes_its_own_section(tmp_path):
     for name in IMPLICIT_ROWS[:4]:
         assert _error(ridge[name][5]) < 1e-3, (name, ridge[name][5])
     assert _error(ridge["closed form: autodiff of jnp.linalg.solve"][4]) == 0
+    assert text.count('on_failure="warn" ÷ on_failure="ignore" = ') == 1
 
     # One row per (k, diff), k = 3 then 30; the table is keyed by its first cell, k.
     lines = text.splitlines()
@@ -281,6 +282,7 @@ TINY_META = [
 ]
 META_NAMES = [
     "MAML (unrolled)",
+    "hand-written MAML (jax.jit + vmap + lax.scan)",
     "MAML, checkpoint=True",
     "FOMAML",
     'metaopt iMAML, on_failure="ignore"',
@@ -310,10 +312,13 @@ def test_tiny_meta_run_writes_its_own_section(tmp_path):
         _kib(cells[6])  # XLA temporaries
     by_name = {(cells[0].strip(), cells[1].strip()): cells for cells in rows}
     for k in ("2",):
-        assert by_name[k, META_NAMES[3]][3].strip() == "1.00 [1.00–1.00]"
+        assert by_name[k, META_NAMES[4]][3].strip() == "1.00 [1.00–1.00]"
         # Same inner iterates and the same CG: the meta-gradients agree to float32 rounding.
-        for name in META_NAMES[1:2] + META_NAMES[4:]:
+        for name in META_NAMES[1:3] + META_NAMES[5:]:
             assert _error(by_name[k, name][4].split()[0]) < 1e-3, (k, name, by_name[k, name][4])
     assert text.count("metaopt iMAML ÷ jaxopt iMAML = ") == 1
+    # The targets of the default check and of MAML's overhead, one verdict each.
+    assert text.count('on_failure="warn" ÷ on_failure="ignore" = ') == 1
+    assert text.count("MAML ÷ hand-written MAML = ") == 1
     assert "checkpoint=True ÷ unrolled MAML = " in text
     assert list(_table(text, "XLA temporaries")) == META_NAMES

@@ -495,3 +495,16 @@ def test_huge_float32_gradient_keeps_the_perturbation(name):
         t = np.abs(p64) + 0.01
         expected = p64 + 0.5 * t**2 * direction / np.linalg.norm(t * direction)
     np.testing.assert_allclose(seen[0], expected, rtol=1e-6)
+
+
+def test_mask_that_hides_a_whole_subtree():
+    # optax.masked replaces a subtree masked out by a prefix mask with a single MaskedNode.
+    params, loss = _masked_problem()
+    grad = jax.grad(loss)
+    g = grad(params)
+    tx = optax.masked(metaopt.scale_by_sam(0.1), {"layer": False, "b": True})
+    out, _ = tx.update(g, tx.init(params), params, grad_fn=grad, all_params=params)
+    g_b = np.asarray(g["b"])
+    perturbed = {**params, "b": params["b"] + 0.1 * g_b / np.linalg.norm(g_b)}
+    np.testing.assert_allclose(out["b"], grad(perturbed)["b"], rtol=1e-13, atol=1e-15)
+    jax.tree.map(np.testing.assert_array_equal, out["layer"], g["layer"])

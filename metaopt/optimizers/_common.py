@@ -53,7 +53,9 @@ def _is_number_like(value: Any) -> bool:
     return callable(value) and not isinstance(value, type)
 
 
-def check_number(name: str, value: Any, *, optional: bool = False, fix: str = "") -> None:
+def check_number(
+    name: str, value: Any, *, optional: bool = False, integer: bool = False, fix: str = ""
+) -> None:
     """Raises TypeError unless ``value`` is a real number, a real array or a schedule.
 
     Accepted: Python ``int``/``float``, NumPy and JAX scalars and arrays of integer or floating
@@ -61,6 +63,8 @@ def check_number(name: str, value: Any, *, optional: bool = False, fix: str = ""
     callables (schedules of the step count). Rejected with a message that names the argument:
     strings, ``bool``, complex numbers, ``None`` (unless ``optional``) and anything else, which
     would otherwise only fail at the first update with an error that does not name it.
+    ``integer`` only words the message for whole-number arguments (step counts, sizes), whose
+    values are checked by their own functions.
     """
     if value is None and optional:
         return
@@ -68,28 +72,36 @@ def check_number(name: str, value: Any, *, optional: bool = False, fix: str = ""
         return
     hint = ""
     if isinstance(value, str):
-        try:
-            hint = f" Pass the number itself, {name}={float(value)!r}, not a string."
-        except ValueError:
-            hint = " Pass a number, not a string."
+        for parse in (int, float):
+            try:
+                hint = f" Pass the number itself, {name}={parse(value)!r}, not a string."
+                break
+            except ValueError:
+                hint = " Pass a number, not a string."
     elif isinstance(value, bool):
         hint = " A bool is not a valid value here; pass a number."
     elif value is None:
         hint = " None is not allowed for this argument; pass a number."
     extra = f" {fix}" if fix else ""
+    expected = (
+        "a whole number"
+        if integer
+        else "a real number, a real-valued array or a schedule (a function of the step count)"
+    )
     raise TypeError(
-        f"{name} must be a real number, a real-valued array or a schedule (a function of the "
-        f"step count), got {name}={value!r} of type {type(value).__name__}.{hint}{extra}"
+        f"{name} must be {expected}, got {name}={value!r} of type {type(value).__name__}."
+        f"{hint}{extra}"
     )
 
 
 def check_number_or_numbers(name: str, value: Any) -> None:
-    """Like :func:`check_number` (None allowed) for arguments that may also be a sequence."""
+    """Like :func:`check_number` (None allowed) for whole-number arguments that may also be a
+    sequence (Shampoo's ``exponent_override``)."""
     if isinstance(value, list | tuple):
         for entry in value:
-            check_number(name, entry)
+            check_number(name, entry, integer=True)
     else:
-        check_number(name, value, optional=True)
+        check_number(name, value, optional=True, integer=True)
 
 
 def check_range(

@@ -239,6 +239,17 @@ def test_root_vjp_and_root_jvp(solve):
         np.testing.assert_allclose(got, want, rtol=rtol, atol=1e-10)
 
 
-def test_has_aux_given_positionally_says_it_is_keyword_only():
+def test_misuse_names_the_argument_and_the_fix():
+    optimality = jax.grad(ridge_objective)
+    # jaxopt's second positional argument was has_aux; metaopt's is solve.
     with pytest.raises(TypeError, match="has_aux=True"):
-        metaopt.implicit.custom_root(jax.grad(ridge_objective), True)
+        metaopt.implicit.custom_root(optimality, True)
+    with pytest.raises(TypeError, match="reference_signature=3"):
+        metaopt.implicit.custom_root(optimality, reference_signature=3)
+
+    @metaopt.implicit.custom_root(optimality, reference_signature=optimality)
+    def too_few_arguments(init_params, l2reg):
+        return closed_form_ridge(l2reg, _data()) + 0.0 * init_params
+
+    with pytest.raises(TypeError, match="missing a required argument: 'data'"):
+        too_few_arguments(jnp.zeros(5), 1.0)

@@ -190,8 +190,7 @@ def custom_fixed_point(
       solve: linear solver for :math:`\partial_x T - I`; :class:`GMRES` if None.
       has_aux: the solver returns ``(x_star, aux)``.
       on_failure: ``"warn"``, ``"nan"``, ``"raise"`` or ``"ignore"`` (see :func:`custom_root`).
-      reference_signature: as in :func:`custom_root`; ``fixed_point_fn``'s own signature is
-        the one checked when None.
+      reference_signature: as in :func:`custom_root` (jaxopt's argument; None checks nothing).
 
     Returns:
       A decorator for ``solver(init, *args, **kwargs)``.

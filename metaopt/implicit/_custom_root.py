@@ -39,7 +39,7 @@ def custom_root(
     *,
     has_aux: bool = False,
     on_failure: OnFailure = "warn",
-    reference_signature: Callable[..., Any] | inspect.Signature | None = None,
+    reference_signature: Any = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     r"""Decorates a solver so its output is differentiated by the implicit function theorem.
 
@@ -163,7 +163,7 @@ def custom_fixed_point(
     *,
     has_aux: bool = False,
     on_failure: OnFailure = "warn",
-    reference_signature: Callable[..., Any] | inspect.Signature | None = None,
+    reference_signature: Any = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     r"""Decorates a solver of :math:`x^\star = T(x^\star, \theta)` for implicit differentiation.
 

@@ -83,9 +83,11 @@ def custom_root(
     Failures: the linear solve reports :class:`LinearSolveInfo`; if it did not converge or met
     negative curvature, ``on_failure`` decides: ``"warn"`` (default; an
     :class:`ImplicitDifferentiationWarning` at run time, derivative returned as computed),
-    ``"nan"`` (the derivative is NaN, so it cannot be used unknowingly), ``"raise"`` (a runtime
-    error from the computation) or ``"ignore"``. A non-finite cotangent or tangent (a NaN
-    outer loss) gives a NaN derivative under every policy.
+    ``"nan"`` (the derivative is NaN, so it cannot be used unknowingly), ``"raise"`` (a
+    ``RuntimeError`` whose first line is the message; inside ``jit``, XLA delivers it as a
+    ``jax.errors.JaxRuntimeError`` whose text ends with that message) or ``"ignore"``. A
+    non-finite cotangent or tangent (a NaN outer loss) gives a NaN derivative under every
+    policy.
 
     Example: the minimizer of :math:`\tfrac12\lVert x\rVert^2 - \theta^\top x` is
     :math:`x^\star = \theta`, so :math:`\partial x^\star/\partial\theta = I`:

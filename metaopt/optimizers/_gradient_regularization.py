@@ -110,7 +110,10 @@ def scale_by_gradient_regularization(
         else:
             plus, minus = gradient_at(epsilon_t), gradient_at(-epsilon_t)
             difference, width = jax.tree.map(lambda a, b: a - b, plus, minus), 2.0
-        coefficient = gamma_t * scale / (width * epsilon_t)
+        # The hyperparameters' scalar first, with a reciprocal: XLA folds constant factors
+        # together (and divides by a constant as a product), and the same arithmetic keeps
+        # traced and constant hyperparameters bit-identical.
+        coefficient = (gamma_t * (1.0 / (width * epsilon_t))) * scale
         regularized = jax.tree.map(
             lambda a, d: a + (coefficient * d).astype(a.dtype), g, difference
         )

@@ -44,10 +44,14 @@ class Unrolled:
 class Truncated:
     r"""Backpropagation through the last ``k`` inner steps only.
 
-    The first steps run without recording anything; the last ``k`` are unrolled. Memory is
-    that of ``k`` steps; the hypergradient is biased (it ignores how earlier steps depended on
-    the hyperparameters), less so as ``k`` grows. The derivative with respect to ``init`` is
-    zero unless ``k`` covers every step.
+    One run of the optimizer: the first steps run without recording anything, and the last
+    ``k`` continue from where they stopped, optimizer state included (momentum, moments, step
+    count and schedules run on), so the iterate is exactly :class:`Unrolled`'s; only its
+    derivative is truncated. Memory is that of ``k`` steps; the hypergradient is biased (it
+    ignores how earlier steps depended on the hyperparameters), less so as ``k`` grows. The
+    derivative with respect to ``init`` is zero unless ``k`` covers every step. With ``tol``,
+    the differentiated steps are the last ``k`` of the budget ``steps``: a solve that reaches
+    ``tol`` before them is differentiated through none (its derivative is zero).
 
     Attributes:
       k: number of final steps differentiated.

@@ -88,7 +88,7 @@ def value_and_hypergradient(
         raise ValueError(f"steps must be a positive integer, got steps={steps!r}.")
     linear_solver = CG() if linear_solver is None else linear_solver
     optimizer = optax.with_extra_args_support(optimizer)
-    inner = _InnerLoop(inner_loss, optimizer, tol)
+    inner = _InnerLoop(inner_loss, optimizer, tol, relative=True)
     frozen_init, frozen_hparams = jax.lax.stop_gradient((init, hparams))
     end = inner.run(frozen_hparams, inner.start(frozen_init), steps)
     params = end.params

@@ -61,7 +61,8 @@ def solve(
     - :class:`Implicit` (default): implicit function theorem at the solution; memory flat in
       ``steps``; needs a converged inner solve.
     - :class:`Unrolled`: backpropagation through every step (optionally checkpointed).
-    - :class:`Truncated`: through the last ``k`` steps.
+    - :class:`Truncated`: through the last ``k`` steps (of one run: the optimizer's state
+      carries over, so the iterate is ``Unrolled``'s).
     - :class:`FirstOrder`: identity with respect to ``init``, nothing through ``hparams``.
 
     Example: ridge regression, whose hypergradient has a closed form.
@@ -88,7 +89,9 @@ def solve(
       optimizer: the inner optax transform.
       steps: maximum number of inner steps (the exact number for ``Unrolled`` without
         ``tol``).
-      tol: stop once the inner gradient norm is at most this; None runs all ``steps``.
+      tol: stop once the inner gradient norm is at most this; None runs all ``steps`` (as a
+        plain ``lax.scan``; :class:`Implicit` then judges convergence relative to the
+        gradient at ``init``, see its ``rtol``).
       diff: :class:`Implicit` (default), :class:`Unrolled`, :class:`Truncated` or
         :class:`FirstOrder`.
 
@@ -173,6 +176,7 @@ class _InnerLoop(NamedTuple):
     inner_loss: Callable[..., jax.Array]
     optimizer: optax.GradientTransformationExtraArgs
     tol: float | None
+    relative: bool = False  # whether the gradient norm at the start is needed
 
     def gradient(self, params, hparams):
         return jax.grad(self.inner_loss)(params, *hparams)
@@ -195,7 +199,7 @@ class _InnerLoop(NamedTuple):
     def _run_fixed(self, hparams, start, steps, segment):
         initial_norm, remaining = start.initial_norm, steps
         params, opt_state = start.params, start.opt_state
-        if initial_norm is None:
+        if initial_norm is None and self.relative:
             # The first step is taken outside the loop so that the gradient at the start
             # (for the relative convergence test) costs nothing extra.
             gradient = self.gradient(params, hparams)
@@ -258,7 +262,9 @@ class _InnerLoop(NamedTuple):
             rtol, atol = criterion
             if atol is None:
                 atol = _DEFAULT_ATOL_EPS * max(
-                    float(jnp.finfo(x.dtype).eps) for x in jax.tree.leaves(end.params)
+                    float(jnp.finfo(x.dtype).eps)
+                    for x in jax.tree.leaves(end.params)
+                    if jnp.issubdtype(x.dtype, jnp.inexact)
                 )
             converged = norm <= jnp.maximum(rtol * end.initial_norm, atol)
         return SolveDiagnostics(jax.lax.stop_gradient(end.step), norm, converged)
@@ -295,6 +301,8 @@ def _segmented_scan(body, carry, steps, segment):
 
 
 def _implicit(inner, steps, diff, init, hparams):
+    inner = inner._replace(relative=diff.rtol is not None)
+
     def optimality(params, *hparams):
         return inner.gradient(params, hparams)
 

@@ -7,7 +7,9 @@ references return the per-step *directions* of the core transforms (``scale_by_s
 
 Shape plan, shared by both. A tensor of shape s is viewed as D_1..D_k: with
 ``merge_small_dimensions``, adjacent dims are merged left to right while the product stays
-<= block_size; then dims equal to 1 are dropped. Axis i is preconditioned iff
+<= block_size, except that the last dim > 1 of a tensor with two or more such dims never joins
+a group that already holds all the others (a matrix stays a matrix); then dims equal to 1 are
+dropped. Axis i is preconditioned iff
 D_i <= max_preconditioned_dimension and (k > 1 or precondition_vectors); ``one_sided`` keeps only
 the preconditioned axis with the smallest D_i (first on ties). A preconditioned axis longer than
 block_size is zero-padded to a multiple of block_size and cut into blocks of length block_size;
@@ -82,9 +84,18 @@ class _Plan:
 
     def __init__(self, shape, cfg):
         block_size = cfg["block_size"]
+        # The last dim longer than 1 is never merged into a group holding every other long dim.
+        long = [i for i, d in enumerate(shape) if d > 1]
+        last = long[-1] if len(long) >= 2 else -1
         dims = []
-        for d in shape:
-            if cfg["merge_small_dimensions"] and dims and dims[-1] * d <= block_size:
+        for i, d in enumerate(shape):
+            would_be_vector = i == last and sum(x > 1 for x in dims[:-1]) == 0 and dims[-1] > 1
+            if (
+                cfg["merge_small_dimensions"]
+                and dims
+                and dims[-1] * d <= block_size
+                and not would_be_vector
+            ):
                 dims[-1] *= d
             else:
                 dims.append(d)

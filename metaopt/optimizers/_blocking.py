@@ -18,7 +18,7 @@ import string
 import jax
 import jax.numpy as jnp
 
-from metaopt.optimizers._common import safe_sqrt
+from metaopt.optimizers._common import check_number, safe_sqrt
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -34,7 +34,9 @@ class Blocking:
         preconditioner; each step costs about ``2 * block_size`` multiply-adds per parameter
         and axis.
       merge_small_dimensions: merge adjacent dimensions while their product stays within
-        ``block_size`` (a ``[3, 3, 64, 128]`` convolution kernel becomes ``[576, 128]``).
+        ``block_size`` (a ``[3, 3, 64, 128]`` convolution kernel becomes ``[576, 128]``), but
+        never into a single axis: the last axis longer than one stays apart (``[32, 16]`` stays
+        a matrix with two factors, ``[4, 8, 16]`` becomes ``[32, 16]``).
       max_preconditioned_dimension: axes longer than this (before blocking) get no
         preconditioner (for example the vocabulary axis of an embedding); None preconditions
         every axis. A tensor left with no preconditioned axis uses the diagonal (grafting) method.
@@ -62,6 +64,7 @@ class Blocking:
                 "Typical values are 128 to 2048."
             )
         limit = self.max_preconditioned_dimension
+        check_number("max_preconditioned_dimension", limit, optional=True, integer=True)
         if limit is not None and (
             isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
         ):
@@ -153,8 +156,19 @@ def plan_blocks(shape: tuple[int, ...], blocking: Blocking) -> BlockPlan:
     """Works out the block layout of a tensor of ``shape`` (see :class:`Blocking`)."""
     merged: list[int] = []
     origins: list[tuple[int, ...]] = []
+    # Merging never turns a tensor with two or more axes longer than one into a vector: a small
+    # matrix keeps its two Kronecker factors (a 32 x 16 weight merged into a 512-vector got a
+    # full 512 x 512 factor in Shampoo and none in SOAP; both then lost to Adam).
+    long_axes = [axis for axis, d in enumerate(shape) if d != 1]
+    apart = long_axes[-1] if len(long_axes) > 1 else None
     for axis, d in enumerate(shape):
-        if blocking.merge_small_dimensions and merged and merged[-1] * d <= blocking.block_size:
+        whole = axis == apart and merged[-1] != 1 and sum(m != 1 for m in merged) == 1
+        if (
+            blocking.merge_small_dimensions
+            and merged
+            and merged[-1] * d <= blocking.block_size
+            and not whole
+        ):
             merged[-1] *= d
             origins[-1] += (axis,)
         else:

@@ -299,6 +299,21 @@ def _rotate(x, bases, transpose):
     return x
 
 
+def _canonical_eigenbasis(a):
+    """Eigenvectors by descending eigenvalue; those of eigenvalues below 32 n eps of the largest
+    (the null space, an arbitrary basis) replaced by the eigenvectors of P diag(1..n)/n P with
+    P the projector onto that null space, in ascending order of those eigenvalues."""
+    n = a.shape[0]
+    values, vectors = np.linalg.eigh(a)
+    null = values <= 32.0 * n * np.finfo(np.float64).eps * np.abs(values).max()
+    k = int(null.sum())
+    if k:
+        p = vectors[:, null] @ vectors[:, null].T
+        _, w = np.linalg.eigh(p @ np.diag(np.arange(1, n + 1) / n) @ p)
+        vectors = np.concatenate([w[:, n - k :], vectors[:, k:]], axis=1)
+    return vectors[:, ::-1]
+
+
 def _soap_tensor(grads, shape, cfg):
     plan = _Plan(shape, cfg)
     b1, b2, eps = cfg["b1"], cfg["b2"], cfg["eps"]
@@ -327,8 +342,7 @@ def _soap_tensor(grads, shape, cfg):
             if t == 1:
                 for i in plan.axes:
                     stats[j][i] = (1.0 - beta_s) * _gram(gb, i)
-                    _, vectors = np.linalg.eigh(stats[j][i])
-                    bases[j][i] = vectors[:, ::-1]  # descending eigenvalues
+                    bases[j][i] = _canonical_eigenbasis(stats[j][i])
             g_rot = _rotate(gb, bases[j], transpose=True)
             m[j] = b1 * m[j] + (1.0 - b1) * gb
             m_rot = _rotate(m[j], bases[j], transpose=True)
@@ -345,7 +359,10 @@ def _soap_tensor(grads, shape, cfg):
                     order = np.argsort(-estimate, kind="stable")
                     q = q[:, order]
                     v[j] = np.take(v[j], order, axis=i)
-                    bases[j][i], _ = np.linalg.qr(stat @ q)
+                    # power step on stat + s I, s = sqrt(eps) * largest estimate: directions
+                    # stat has not seen keep their previous basis vectors
+                    s = np.sqrt(np.finfo(np.float64).eps) * np.max(np.abs(estimate))
+                    bases[j][i], _ = np.linalg.qr(stat @ q + s * q)
         directions.append(plan.assemble(out))
     return directions
 
@@ -354,13 +371,15 @@ def soap_reference(params, grads, **config):
     """SOAP directions (Vyas et al. 2024, Algorithm 1 with the eigenbasis refreshed by one QR
     power step), a list over steps of {name: direction}. ``config`` takes the keys of
     ``SOAP_DEFAULTS``. Per block, with beta_s = shampoo_b2 or b2:
-        t = 1:  L_i = (1 - beta_s) Gb Gb^T ;  Q_i = eigenvectors of L_i (descending)
+        t = 1:  L_i = (1 - beta_s) Gb Gb^T ;  Q_i = eigenvectors of L_i (descending), the null
+            space's given canonically (see _canonical_eigenbasis)
         G' = G rotated by Q^T ;  m = b1 m + (1 - b1) G ;  M' = m rotated by Q^T
         v = b2 v + (1 - b2) G'^2 ;  N' = (M' / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
         direction = N' rotated back by Q
         t > 1:  L_i = beta_s L_i + (1 - beta_s) Gb Gb^T
         t % preconditioning_frequency == 0: sort Q_i's columns (and v along axis i) by
-            diag(Q_i^T L_i Q_i) descending, then Q_i = Q factor of qr(L_i Q_i).
+            diag(Q_i^T L_i Q_i) descending, then Q_i = Q factor of qr((L_i + s I) Q_i) with
+            s = sqrt(eps_mach) * max diag(Q_i^T L_i Q_i).
     Tensors without a preconditioned axis run plain Adam (b1, b2, eps)."""
     unknown = set(config) - set(SOAP_DEFAULTS)
     if unknown:

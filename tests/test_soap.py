@@ -64,10 +64,13 @@ def test_rank_deficient_float32_trajectory_stays_in_the_gradient_spaces():
     moved = sum(directions)  # the weights' displacement at learning rate 1 (no weight decay)
     expected_moved = sum(e["w"] for e in expected)
     assert _outside_share(moved, a, b) <= 1e-3
+    # The refresh (step 10) powers the statistics shifted by sqrt(eps_mach) of the largest
+    # eigenvalue, 3e-4 in float32 against 1.5e-8 in the float64 reference: the bases, and so
+    # the steps after it, differ at that order (1.0e-4 measured).
     for t, (u, e) in enumerate(zip(directions, expected, strict=True)):
         assert _outside_share(u, a, b) <= 1e-3, t
-        assert np.linalg.norm(u - e["w"]) <= 1e-4 * np.linalg.norm(e["w"]), t
-    assert np.linalg.norm(moved - expected_moved) <= 1e-4 * np.linalg.norm(expected_moved)
+        assert np.linalg.norm(u - e["w"]) <= 3e-4 * np.linalg.norm(e["w"]), t
+    assert np.linalg.norm(moved - expected_moved) <= 3e-4 * np.linalg.norm(expected_moved)
 
 
 @pytest.mark.parametrize(
@@ -203,3 +206,26 @@ def test_defaults_precondition_a_small_matrix_and_beat_tuned_adam(name, right_co
     state = make[name](0.1).init(jnp.zeros((32, 16)))
     factors = state[0].statistics
     assert [s.shape[-1] for s in jax.tree.leaves(factors)] == [32, 16]
+
+
+def test_full_rank_sharded_equals_unsharded_after_the_first_step():
+    # A [256, 64] gradient leaves 192 directions of the row statistics unseen at each refresh;
+    # QR used to complete them with round-off that differed between the sharded and the
+    # unsharded program, and the next gradients entered them: updates 0.17 to 0.29 apart (of
+    # the largest entry) from step 3 on, in float64. The first step is compared loosely: its
+    # rotated gradient is diagonal only up to the eigenvectors' error, and Adam's division
+    # turns those off-diagonal entries into steps (6e-5 apart in float64).
+    rng = np.random.default_rng(4)
+    grads = [jnp.asarray(rng.normal(size=(256, 64))) for _ in range(6)]
+    mesh = Mesh(np.array(jax.devices()[:8]), ("devices",))
+    sharding = NamedSharding(mesh, PartitionSpec("devices", None))
+    tx = metaopt.scale_by_soap(preconditioning_frequency=2)
+    step = jax.jit(tx.update)
+    state = tx.init(jax.device_put(jnp.zeros((256, 64)), sharding))
+    expected_state = tx.init(jnp.zeros((256, 64)))
+    for t, g in enumerate(grads, start=1):
+        got, state = step(jax.device_put(g, sharding), state)
+        expected, expected_state = step(g, expected_state)
+        scale = float(jnp.max(jnp.abs(expected)))
+        atol = (1e-3 if t == 1 else 1e-6) * scale
+        np.testing.assert_allclose(got, expected, rtol=0, atol=atol, err_msg=f"step {t}")

@@ -369,10 +369,15 @@ def _zero_tangent(x):
 
 
 def eigenbasis(matrix: jax.Array, *, sequential: bool | None = None) -> jax.Array:
-    """Eigenvectors of symmetric matrices ``[..., n, n]``, columns by decreasing eigenvalue.
+    r"""Eigenvectors of symmetric matrices ``[..., n, n]``, columns by decreasing eigenvalue.
 
     Computed in at least float32 and returned in that dtype. This is SOAP's first basis; later
-    ones come from :func:`refresh_eigenbasis`.
+    ones come from :func:`refresh_eigenbasis`. Eigenvalues below
+    :math:`32\,n\,\epsilon_{\mathrm{mach}}` of the largest are zero up to round-off, and their
+    eigenvectors, an arbitrary basis of the null space that changes with the input's round-off,
+    are replaced by a canonical one:
+    the eigenvectors of :math:`P\,\mathrm{diag}(1, \dots, n)\,P` for the projector :math:`P`
+    onto that null space. Sharded and unsharded runs then agree.
 
     Example:
       >>> import jax.numpy as jnp
@@ -394,10 +399,28 @@ def eigenbasis(matrix: jax.Array, *, sequential: bool | None = None) -> jax.Arra
 
     def single(m):
         symmetric = m.astype(dtype)
-        _, vectors = jnp.linalg.eigh(0.5 * (symmetric + symmetric.T))
+        values, vectors = jnp.linalg.eigh(0.5 * (symmetric + symmetric.T))
+        # Eigenvectors of (numerically) zero eigenvalues are an arbitrary basis of the null
+        # space, which changes with the input's round-off (sharded against unsharded runs).
+        # They are replaced by a canonical one: the eigenvectors of the null-space projector P
+        # times diag(1..n) times P, whose eigenvalues there (1/n to 1) are far from the zeros
+        # on the range.
+        n = values.shape[0]
+        unseen = values <= _NULL_SPACE * n * jnp.finfo(dtype).eps * jnp.max(jnp.abs(values))
+        projector = (vectors * unseen) @ vectors.T
+        ramp = jnp.arange(1, n + 1, dtype=dtype) / n
+        _, canonical = jnp.linalg.eigh((projector * ramp) @ projector)
+        # eigh sorts ascending: L's null vectors come first, the canonical ones last.
+        count = jnp.sum(unseen)
+        canonical = jnp.roll(canonical, count, axis=1)
+        vectors = jnp.where(unseen[None, :], canonical, vectors)
         return vectors[:, ::-1]
 
     return map_matrices(single, matrix, sequential=sequential)
+
+
+# Eigenvalues below this times n eps_mach of the largest are zero up to round-off.
+_NULL_SPACE = 32.0
 
 
 def refresh_eigenbasis(
@@ -406,7 +429,12 @@ def refresh_eigenbasis(
     r"""One power-iteration step towards the eigenbasis of ``matrix``, starting from ``basis``.
 
     The columns of :math:`Q` are first sorted by the estimated eigenvalues
-    :math:`\mathrm{diag}(Q^\top A Q)`, largest first, then :math:`Q \leftarrow \mathrm{QR}(AQ)`.
+    :math:`\mathrm{diag}(Q^\top A Q)`, largest first, then
+    :math:`Q \leftarrow \mathrm{QR}((A + sI)Q)` with
+    :math:`s = \sqrt{\epsilon_{\mathrm{mach}}}\,\max \mathrm{diag}(Q^\top A Q)`. The shift
+    leaves the eigenvectors unchanged; where :math:`A` is rank-deficient it keeps the previous
+    basis vectors, which plain QR would replace by an arbitrary completion of round-off that
+    differs from run to run (sharded against unsharded).
     When :math:`A` changes slowly (an exponential moving average, as in SOAP) one step per
     refresh tracks its eigenvectors at the cost of a matrix product and a QR factorization,
     instead of a full eigendecomposition.
@@ -435,7 +463,13 @@ def refresh_eigenbasis(
         m, q = m.astype(dtype), q.astype(dtype)
         estimates = jnp.einsum("ij,ik,kj->j", q, m, q)
         order = jnp.argsort(-estimates, stable=True)
-        q, _ = jnp.linalg.qr(m @ q[:, order])
+        q = q[:, order]
+        # One step on A + s I (the same eigenvectors) with s far above A's round-off and far
+        # below its resolved eigenvalues: where A is rank-deficient, A q is round-off, and QR
+        # would complete the basis with arbitrary vectors that differ between runs (sharded
+        # and unsharded); the shift keeps the previous vectors there instead.
+        shift = jnp.sqrt(jnp.finfo(dtype).eps) * jnp.max(jnp.abs(estimates))
+        q, _ = jnp.linalg.qr(m @ q + shift * q)
         return q, order
 
     return map_matrices(single, matrix, basis, sequential=sequential)

@@ -206,6 +206,7 @@ def scale_by_shampoo(
         )
     if root_error_threshold is not None:
         _common.check_positive("root_error_threshold", root_error_threshold)
+    _common.check_number_or_numbers("exponent_override", exponent_override)
     exponent = _exponent_rule(exponent_override)
     blocking = Blocking() if blocking is None else blocking
     grafting = Grafting() if grafting is None else grafting
@@ -522,6 +523,7 @@ def shampoo(
 
 def check_whole(name: str, value: Any) -> None:
     """A positive whole number of steps; an integer array from inject_hyperparams passes."""
+    _common.check_number(name, value, integer=True)  # a string: TypeError naming it
     if isinstance(value, jax.Array) and jnp.issubdtype(value.dtype, jnp.integer):
         if isinstance(value, jax.core.Tracer) or value.ndim:
             return

@@ -71,4 +71,4 @@ class BiCGSTAB(LinearSolver):
             return x, r, r_hat, p, v, rho_next, alpha, omega, k + 1, broken
 
         state = jax.lax.while_loop(active, step, state)
-        return state[0], state[8], False
+        return lsi.nan_unless(jnp.isfinite(lsi.norm(state[1])), state[0]), state[8], False

@@ -78,8 +78,8 @@ def conjugate_gradient(
         z = precondition(r)
         restart = (x, r, z, lsi.dot(r, z), k, negative)
         state = jax.lax.while_loop(lambda s: active(s) & (s[4] < maxiter), step, restart)
-    x, _, _, _, k, negative = state
-    return x, k, negative
+    x, r, _, _, k, negative = state
+    return lsi.nan_unless(jnp.isfinite(lsi.norm(r)), x), k, negative
 
 
 @dataclasses.dataclass(frozen=True)

@@ -94,5 +94,5 @@ class GMRES(LinearSolver):
             jnp.linalg.norm(b_flat - flat_matvec(x0_flat)),
             jnp.zeros([], jnp.int32),
         )
-        x, _, k = jax.lax.while_loop(active, cycle, initial)
-        return unravel(x), k * m, False
+        x, residual, k = jax.lax.while_loop(active, cycle, initial)
+        return lsi.nan_unless(jnp.isfinite(residual), unravel(x)), k * m, False

@@ -112,4 +112,5 @@ class MINRES(LinearSolver):
             )
 
         state = jax.lax.while_loop(active, step, state)
-        return state["x"], state["k"], False
+        finite = jnp.isfinite(state["phibar"]) & jnp.isfinite(state["beta"])
+        return lsi.nan_unless(finite, state["x"]), state["k"], False

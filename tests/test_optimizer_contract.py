@@ -470,7 +470,11 @@ def test_numeric_hyperparameter_types_are_accepted(factory_name, argument):
     if isinstance(default, bool) or not isinstance(default, float):
         pytest.skip("whole-number and optional arguments have their own checks")
     for value in (default, np.float32(default), np.float64(default), jnp.asarray(default)):
-        factory(**{**required, argument: value})
+        built = factory(**{**required, argument: value})
+        if hasattr(built, "update"):  # a transform
+            assert callable(built.update) and callable(built.init)
+        else:  # a configuration object (Grafting, Blocking) keeps the value it was given
+            assert getattr(built, argument) is value
 
     @jax.jit
     def construct_with_traced(v):  # as optax.inject_hyperparams and jax.grad pass it

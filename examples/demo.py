@@ -14,7 +14,7 @@ r"""metaopt's main demo: the library's capabilities, one section each, on small 
    ``examples/maml_sinusoid.ipynb``.
 
 Run it from the repository root (it needs the ``examples`` extra: ``pip install
-metaopt[examples]``)::
+"metaopt-jax[examples]"``)::
 
   python examples/demo.py                                   # the CPU default, well under a minute
   python examples/demo.py --epochs=200 --hidden_width=1024  # larger, for an accelerator

@@ -31,7 +31,7 @@ Without noise columns (``--noise_features=0``) that is what happens: ten tuned p
 the best shared one on validation but not on test.
 
 Run it from the repository root (it needs the ``examples`` extra: ``pip install
-metaopt[examples]``)::
+"metaopt-jax[examples]"``)::
 
   python examples/hyperparameter_tuning.py                     # the CPU default, seconds
   python examples/hyperparameter_tuning.py --outer_optimizer=ademamix --seed=1

@@ -402,5 +402,5 @@ def test_episodes_reject_a_traced_pool(pools):
 
 def test_pools_without_scikit_learn_say_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn", None)  # makes `import sklearn` fail
-    with pytest.raises(ImportError, match=r'pip install "metaopt\[examples\]"'):
+    with pytest.raises(ImportError, match=r'pip install "metaopt-jax\[examples\]"'):
         digits_fewshot_pools()

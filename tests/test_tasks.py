@@ -80,7 +80,7 @@ def test_load_digits_rejects_an_empty_split(test_fraction):
 
 def test_load_digits_without_scikit_learn_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn", None)  # makes `import sklearn` fail
-    with pytest.raises(ImportError, match=r"pip install metaopt\[examples\]"):
+    with pytest.raises(ImportError, match=r'pip install "metaopt-jax\[examples\]"'):
         load_digits()
 
 

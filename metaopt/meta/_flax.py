@@ -52,7 +52,7 @@ def nnx_loss(
     try:
         from flax import nnx
     except ImportError as error:  # pragma: no cover - flax is an optional dependency
-        raise ImportError('meta.nnx_loss needs flax: pip install "metaopt[flax]".') from error
+        raise ImportError('meta.nnx_loss needs flax: pip install "metaopt-jax[flax]".') from error
     if not isinstance(model, nnx.Module):
         raise TypeError(
             f"model must be a flax.nnx.Module, got {type(model).__name__}; for a linen module "

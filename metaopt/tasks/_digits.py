@@ -63,7 +63,7 @@ def load_digits(seed: int = 0, test_fraction: float = 0.2) -> ClassificationData
     except ImportError as error:
         raise ImportError(
             "metaopt.tasks.load_digits needs scikit-learn, which is an optional dependency. "
-            "Install it with: pip install metaopt[examples]"
+            'Install it with: pip install "metaopt-jax[examples]"'
         ) from error
 
     bunch = datasets.load_digits()

@@ -113,7 +113,7 @@ def digits_fewshot_pools(
     except ImportError as error:
         raise ImportError(
             "metaopt.tasks.digits_fewshot_pools needs scikit-learn, which is an optional "
-            'dependency. Install it with: pip install "metaopt[examples]"'
+            'dependency. Install it with: pip install "metaopt-jax[examples]"'
         ) from error
 
     bunch = datasets.load_digits()

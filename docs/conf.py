@@ -63,8 +63,10 @@ napoleon_attr_annotations = False  # no "(jax.jaxlib._jax.Array)" in those field
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
-# Keep the hyperparameter type readable instead of expanding the union in every signature.
-autodoc_type_aliases = {"ScalarOrSchedule": "ScalarOrSchedule"}
+# Keep the hyperparameter type readable instead of expanding the union in every signature, and
+# link it to its entry in the API reference (api/index.md), shown without the module prefix.
+autodoc_type_aliases = {"ScalarOrSchedule": "metaopt.ScalarOrSchedule"}
+python_use_unqualified_type_names = True
 autosummary_generate = False
 
 # Every cross-reference to a metaopt object must resolve. Types that live in other libraries
@@ -72,7 +74,7 @@ autosummary_generate = False
 nitpicky = True
 nitpick_ignore_regex = [
     (r"py:.*", r"(optax|jax|jnp|np|numpy|chex|typing|collections)\..*"),
-    (r"py:.*", r"Any|Callable|ScalarOrSchedule|GradFn|Direction|NamedTuple|Literal"),
+    (r"py:.*", r"Any|Callable|GradFn|Direction|NamedTuple|Literal"),
     (r"py:.*", r"int|float|str|bool|None|tuple|list|dict|object"),
 ]
 

@@ -9,7 +9,7 @@ from metaopt.optimizers._ademamix import (
 )
 from metaopt.optimizers._asam import asam, scale_by_asam
 from metaopt.optimizers._blocking import Blocking
-from metaopt.optimizers._common import prepare_cpu_environment
+from metaopt.optimizers._common import ScalarOrSchedule, prepare_cpu_environment
 from metaopt.optimizers._gam import gam, scale_by_gam
 from metaopt.optimizers._gradient_regularization import (
     gradient_regularization,
@@ -34,6 +34,7 @@ __all__ = [
     "Blocking",
     "Grafting",
     "MatrixRootInfo",
+    "ScalarOrSchedule",
     "ScaleByAdEMAMixState",
     "ScaleBySOAPState",
     "ScaleByShampooState",

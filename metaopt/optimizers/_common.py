@@ -16,6 +16,7 @@ import optax
 
 from metaopt.optimizers._tree_checks import check_matching
 
+# A hyperparameter: a float, a (possibly traced) array, or a schedule of the step count.
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 
 

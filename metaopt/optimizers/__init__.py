@@ -10,6 +10,7 @@ from metaopt.optimizers._ademamix import (
 from metaopt.optimizers._asam import asam, scale_by_asam
 from metaopt.optimizers._blocking import Blocking
 from metaopt.optimizers._common import ScalarOrSchedule, prepare_cpu_environment
+from metaopt.optimizers._flax import nnx_grad_fn
 from metaopt.optimizers._gam import gam, scale_by_gam
 from metaopt.optimizers._gradient_regularization import (
     gradient_regularization,
@@ -48,6 +49,7 @@ __all__ = [
     "gam",
     "gradient_regularization",
     "matrix_inverse_pth_root",
+    "nnx_grad_fn",
     "prepare_cpu_environment",
     "refresh_eigenbasis",
     "sam",

@@ -278,6 +278,22 @@ def _is_masked_node(x: Any) -> bool:
     return isinstance(x, optax.MaskedNode)
 
 
+def _checked_gradient_function(grad_fn: Any) -> Any:
+    def checked(point: Any) -> Any:
+        gradient = grad_fn(point)
+        check_matching(
+            "grad_fn(params)",
+            gradient,
+            "params",
+            point,
+            hint="grad_fn must return the gradient as a tree shaped like its argument; for a "
+            "flax NNX module, build it with metaopt.nnx_grad_fn(model, loss_fn, *batch)",
+        )
+        return gradient
+
+    return checked
+
+
 def gradient_function(
     algorithm: str, grad_fn: Any, updates: Any, params: Any, all_params: Any
 ) -> Any:
@@ -286,13 +302,17 @@ def gradient_function(
     First checks that ``updates`` match ``params`` leaf by leaf (a ValueError naming the leaf
     and both shapes; a mismatched shape could otherwise broadcast silently).
 
-    Outside ``optax.masked`` and ``optax.multi_transform`` it is ``grad_fn`` itself. Inside, the
-    transform sees only its part of the parameters (``optax.MaskedNode`` elsewhere), while
-    ``grad_fn`` needs the whole tree: the returned function puts the (perturbed) visible part
-    into ``all_params``, calls ``grad_fn`` there and keeps the visible part of the gradient, so
-    the parameters outside the mask stay at their current values and are not perturbed.
+    Outside ``optax.masked`` and ``optax.multi_transform`` it is ``grad_fn`` itself, with a
+    trace-time check that what it returns is shaped like its argument (a ``grad_fn`` built with
+    ``nnx.grad`` returns ``nnx.Param`` variables, which would otherwise fail deep inside the
+    update). Inside, the transform sees only its part of the parameters (``optax.MaskedNode``
+    elsewhere), while ``grad_fn`` needs the whole tree: the returned function puts the
+    (perturbed) visible part into ``all_params``, calls ``grad_fn`` there and keeps the visible
+    part of the gradient, so the parameters outside the mask stay at their current values and
+    are not perturbed.
     """
     check_matching("updates", updates, "params", params)
+    grad_fn = _checked_gradient_function(grad_fn)
     if not any(_is_masked_node(x) for x in jax.tree.leaves(params, is_leaf=_is_masked_node)):
         return grad_fn
     if all_params is None or any(

@@ -25,6 +25,19 @@ class Unrolled:
     (``jax.checkpoint``), so memory grows as :math:`O(\sqrt{K})` for one extra forward pass.
     ``checkpoint`` may also be an int: the segment length.
 
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from metaopt import bilevel
+      >>> def inner(w, lam):  # minimized at w* = 1 / (1 + lam), so dw*/dlam = -1 / (1 + lam)**2
+      ...     return 0.5 * jnp.sum((w - 1.0) ** 2) + 0.5 * lam * jnp.sum(w**2)
+      >>> def outer(lam, steps):
+      ...     w, _ = bilevel.solve(inner, jnp.zeros(1), lam, optimizer=optax.sgd(0.2), steps=steps,
+      ...                          diff=bilevel.Unrolled(checkpoint=True))
+      ...     return w[0]
+      >>> # The derivative of the iterate actually returned: after 3 steps it is far from w*'s.
+      >>> print(f"{jax.grad(outer)(1.0, 3):.4f} {jax.grad(outer)(1.0, 100):.4f}")
+      -0.0880 -0.2500
+
     Attributes:
       checkpoint: False, True (segments of about :math:`\sqrt{K}` steps) or a segment length.
     """
@@ -53,6 +66,20 @@ class Truncated:
     the differentiated steps are the last ``k`` of the budget ``steps``: a solve that reaches
     ``tol`` before them is differentiated through none (its derivative is zero).
 
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from metaopt import bilevel
+      >>> def inner(w, lam):  # minimized at w* = 1 / (1 + lam), so dw*/dlam = -1 / (1 + lam)**2
+      ...     return 0.5 * jnp.sum((w - 1.0) ** 2) + 0.5 * lam * jnp.sum(w**2)
+      >>> def outer(lam, k):
+      ...     w, _ = bilevel.solve(inner, jnp.zeros(1), lam, optimizer=optax.sgd(0.2), steps=100,
+      ...                          diff=bilevel.Truncated(k))
+      ...     return w[0]
+      >>> # Each step contracts by 1 - 0.2 * (1 + lam) = 0.6, so the last k steps carry
+      >>> # 1 - 0.6**k of the exact -0.25: -0.2306 for k = 5.
+      >>> print(f"{jax.grad(outer)(1.0, 5):.4f} {jax.grad(outer)(1.0, 30):.4f}")
+      -0.2306 -0.2500
+
     Attributes:
       k: number of final steps differentiated.
     """
@@ -72,6 +99,21 @@ class FirstOrder:
     :math:`\partial x^\star/\partial\theta = 0`: first-order MAML (FOMAML) when the
     meta-parameters are the initialization. The cheapest mode: the backward pass costs
     nothing beyond the outer gradient.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from metaopt import bilevel
+      >>> def inner(w, lam):
+      ...     return 0.5 * jnp.sum((w - 1.0) ** 2) + 0.5 * lam * jnp.sum(w**2)
+      >>> def outer(init, lam):
+      ...     w, _ = bilevel.solve(inner, init, lam, optimizer=optax.sgd(0.2), steps=10,
+      ...                          diff=bilevel.FirstOrder())
+      ...     return jnp.sum(w)
+      >>> # d(solution)/d(init) is taken as the identity, d(solution)/d(lam) as zero.
+      >>> d_init, d_lam = jax.grad(outer, argnums=(0, 1))(jnp.zeros(2), 1.0)
+      >>> print(d_init, float(d_lam))
+      [1. 1.] 0.0
+
     """
 
 
@@ -84,6 +126,18 @@ class Implicit:
     linear solve with the inner Hessian :math:`H` (Hessian-vector products only). Exact once
     the inner problem is solved; wrong by an amount proportional to the remaining inner
     gradient if it is not. The derivative with respect to ``init`` is zero.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from metaopt import bilevel, implicit
+      >>> def inner(w, lam):  # minimized at w* = 1 / (1 + lam), so dw*/dlam = -1 / (1 + lam)**2
+      ...     return 0.5 * jnp.sum((w - 1.0) ** 2) + 0.5 * lam * jnp.sum(w**2)
+      >>> def outer(lam):
+      ...     w, _ = bilevel.solve(inner, jnp.zeros(1), lam, optimizer=optax.sgd(0.2), steps=200,
+      ...                          tol=1e-6, diff=bilevel.Implicit(implicit.CG(tol=1e-8)))
+      ...     return w[0]
+      >>> print(f"{jax.grad(outer)(1.0):.4f}")
+      -0.2500
 
     Attributes:
       linear_solver: solver for the adjoint system (:class:`metaopt.implicit.CG` for a convex

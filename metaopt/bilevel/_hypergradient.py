@@ -16,6 +16,18 @@ from metaopt.implicit import CG, LinearSolveInfo, LinearSolver
 class HypergradientDiagnostics(NamedTuple):
     """Both solves behind one implicit hypergradient.
 
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from metaopt import bilevel, implicit
+      >>> def inner(w, lam):
+      ...     return 0.5 * jnp.sum((w - 1.0) ** 2) + 0.5 * lam * jnp.sum(w**2)
+      >>> _, _, info = bilevel.value_and_hypergradient(
+      ...     lambda w, lam: jnp.sum(w), inner, jnp.zeros(3), 1.0, optimizer=optax.sgd(0.2),
+      ...     steps=500, tol=1e-6, linear_solver=implicit.CG(tol=1e-8))
+      >>> # The inner Hessian is 2 I: CG solves the adjoint system in one iteration.
+      >>> bool(info.inner.converged), int(info.adjoint.iterations), bool(info.adjoint.converged)
+      (True, 1, True)
+
     Attributes:
       inner: the inner solve's :class:`SolveDiagnostics`.
       adjoint: the adjoint linear solve's :class:`metaopt.implicit.LinearSolveInfo`

@@ -157,6 +157,14 @@ class NormalCG(LinearSolver):
     number; prefer :class:`GMRES` or :class:`BiCGSTAB` for badly conditioned non-symmetric
     systems.
 
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from metaopt.implicit import NormalCG
+      >>> A = jnp.array([[1.0, 2.0], [0.0, 1.0]])  # not symmetric: plain CG does not apply
+      >>> x, info = NormalCG(tol=1e-8)(lambda v: A @ v, jnp.array([3.0, 1.0]))
+      >>> print(jnp.round(x, 4), bool(info.converged))
+      [1. 1.] True
+
     Attributes:
       tol: relative residual of the original system at which the solve counts as converged.
       maxiter: CG iteration cap; None means 10 times the number of unknowns.

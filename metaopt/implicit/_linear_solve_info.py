@@ -16,6 +16,19 @@ Matvec = Callable[[Vector], Vector]
 class LinearSolveInfo(NamedTuple):
     """Diagnostics of one linear solve :math:`A x = b`; every field is an array.
 
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from metaopt.implicit import CG
+      >>> A = jnp.array([[2.0, 1.0], [1.0, 2.0]])
+      >>> x, info = CG(tol=1e-8)(lambda v: A @ v, jnp.array([3.0, 3.0]))
+      >>> print(x, bool(info.relative_residual < 1e-6), bool(info.converged))
+      [1. 1.] True True
+      >>> bool(info.negative_curvature)
+      False
+      >>> _, info = CG()(lambda v: -A @ v, jnp.array([3.0, 3.0]))  # not positive definite
+      >>> bool(info.negative_curvature)
+      True
+
     Attributes:
       iterations: iterations (matrix-vector products, roughly) used, int32.
       relative_residual: :math:`\\lVert b - A x\\rVert / \\lVert b\\rVert` of the returned
@@ -42,6 +55,25 @@ class LinearSolver:
     Subclasses implement ``_solve(matvec, b, x0) -> (x, iterations, negative_curvature)``
     and may override ``operator`` (the matrix actually solved for, for example with a ridge);
     ``__call__`` adds the residual of the returned solution and the convergence flag.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from metaopt import implicit
+      >>> A = jnp.array([[3.0, 1.0], [1.0, 2.0]])
+      >>> b = jnp.array([4.0, 3.0])  # solution (1, 1)
+      >>> solvers = [implicit.CG(), implicit.MINRES(), implicit.GMRES(), implicit.BiCGSTAB(),
+      ...            implicit.NormalCG(), implicit.Neumann(steps=40, scale=0.4), implicit.Dense()]
+      >>> for solver in solvers:  # every solver is called the same way and reports the same info
+      ...     x, info = solver(lambda v: A @ v, b)
+      ...     assert isinstance(solver, implicit.LinearSolver)
+      ...     print(type(solver).__name__, jnp.round(x, 4), bool(info.converged))
+      CG [1. 1.] True
+      MINRES [1. 1.] True
+      GMRES [1. 1.] True
+      BiCGSTAB [1. 1.] True
+      NormalCG [1. 1.] True
+      Neumann [1. 1.] True
+      Dense [1. 1.] True
 
     Attributes:
       tol: relative residual at which the solve counts as converged.

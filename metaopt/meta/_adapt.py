@@ -55,6 +55,19 @@ class InnerLoop:
 class MetaDiagnostics(NamedTuple):
     """Per-task record of a meta-batch; every field has a leading task axis.
 
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from metaopt import meta
+      >>> from metaopt.tasks import linear_regression_tasks
+      >>> tasks = linear_regression_tasks(jax.random.key(0), 4, dim=3, shots=5)
+      >>> loss = lambda w, batch: 0.5 * jnp.mean((batch[0] @ w - batch[1]) ** 2)
+      >>> inner = meta.InnerLoop(optax.sgd(0.1), steps=3)
+      >>> meta_loss, info = meta.maml_loss(jnp.zeros(3), tasks, loss, inner)
+      >>> info.query_loss.shape, info.inner.steps.tolist()  # one entry per task
+      ((4,), [3, 3, 3, 3])
+      >>> bool(jnp.isclose(meta_loss, info.query_loss.mean()))  # the meta-loss is their mean
+      True
+
     Attributes:
       query_loss: each task's loss on its query set after adaptation.
       support_loss: each task's loss on its support set before adaptation.

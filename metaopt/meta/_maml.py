@@ -175,6 +175,18 @@ def anil_loss(
 class MetaSGDParams(NamedTuple):
     """Meta-SGD's meta-parameters.
 
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from metaopt import meta
+      >>> from metaopt.tasks import linear_regression_tasks
+      >>> tasks = linear_regression_tasks(jax.random.key(0), 4, dim=3, shots=5)
+      >>> loss = lambda w, batch: 0.5 * jnp.mean((batch[0] @ w - batch[1]) ** 2)
+      >>> theta = meta.MetaSGDParams(params=jnp.zeros(3), learning_rates=jnp.full(3, 0.1))
+      >>> # A pytree: its meta-gradient has the same two fields, so one optax step updates both.
+      >>> grads, _ = jax.grad(meta.metasgd_loss, has_aux=True)(theta, tasks, loss)
+      >>> type(grads).__name__, grads.params.shape, grads.learning_rates.shape
+      ('MetaSGDParams', (3,), (3,))
+
     Attributes:
       params: the initialization :math:`\\theta`.
       learning_rates: per-parameter inner learning rates :math:`\\alpha`, the structure and

@@ -77,6 +77,16 @@ def ademamix_b3_warmup(step: Any, b3: Any, b1: Any, warmup_steps: int) -> jax.Ar
 class ScaleByAdEMAMixState(NamedTuple):
     """State of :func:`scale_by_ademamix`.
 
+    Example:
+      >>> import jax.numpy as jnp, metaopt
+      >>> opt = metaopt.scale_by_ademamix(b1=0.9, b3=0.99)
+      >>> state = opt.init(jnp.zeros(1))
+      >>> for _ in range(3):  # three steps of a constant gradient 1
+      ...     _, state = opt.update(jnp.ones(1), state)
+      >>> # The fast EMA has moved 1 - 0.9**3 of the way, the slow one 1 - 0.99**3.
+      >>> print(int(state.count), round(float(state.m1[0]), 4), round(float(state.m2[0]), 4))
+      3 0.271 0.0297
+
     Attributes:
       count: number of updates made so far (int32).
       m1: fast EMA of the gradient (rate ``b1``), in ``mu_dtype``.
@@ -123,6 +133,16 @@ def scale_by_ademamix(
     respect to it) or an optax schedule; a schedule is evaluated at the number of updates made so
     far (0 on the first update), like every optax schedule, and the warm-ups above are applied on
     top of its value.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, metaopt
+      >>> # Adam's first step is the sign of the gradient; the slow EMA adds alpha * (1 - b3) to it.
+      >>> opt = metaopt.scale_by_ademamix(b3=0.9999, alpha=5.0)
+      >>> updates, state = opt.update(jnp.array([2.0, -3.0]), opt.init(jnp.zeros(2)))
+      >>> print(jnp.round(updates, 4))
+      [ 1.0005 -1.0005]
+      >>> # The core goes in any chain; the alias metaopt.ademamix adds weight decay like this.
+      >>> opt = optax.chain(metaopt.scale_by_ademamix(), optax.scale_by_learning_rate(1e-3))
 
     References:
       Pagliardini, Ablin and Grangier, `The AdEMAMix Optimizer: Better, Faster, Older

@@ -39,6 +39,19 @@ def scale_by_asam(
     ``all_params=`` to ``update`` (see :func:`scale_by_sam`). Hyperparameters must be finite
     numbers, arrays or schedules: anything else raises at construction, naming the argument.
 
+    Example:
+      >>> import jax, jax.numpy as jnp, metaopt
+      >>> loss = lambda p: 0.5 * jnp.sum(p**2)  # gradient p
+      >>> params = jnp.array([1.0, 2.0])
+      >>> opt = metaopt.scale_by_asam(rho=0.5, eta=0.0)
+      >>> grads, _ = opt.update(jax.grad(loss)(params), opt.init(params), params,
+      ...                       grad_fn=jax.grad(loss))
+      >>> # The perturbation is proportional to |params|**2 * gradient: the weight twice as
+      >>> # large moves 8 times as far (SAM would move it twice as far).
+      >>> perturbation = grads - params
+      >>> print(round(float(perturbation[1] / perturbation[0]), 4))
+      8.0
+
     References:
       Kwon et al., `ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant Learning
       of Deep Neural Networks <https://arxiv.org/abs/2102.11600>`_, ICML 2021.
@@ -97,6 +110,10 @@ def asam(
       ...     params = optax.apply_updates(params, updates)
       >>> print(bool(loss(params) < 0.01))
       True
+
+    References:
+      Kwon et al., `ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant Learning
+      of Deep Neural Networks <https://arxiv.org/abs/2102.11600>`_, ICML 2021.
 
     Args:
       base_optimizer: the optax transform that turns ASAM's gradient into an update.

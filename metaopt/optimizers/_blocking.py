@@ -27,6 +27,14 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 class Blocking:
     """How parameters are cut into blocks with their own preconditioners (Shampoo, SOAP).
 
+    Example:
+      >>> import jax.numpy as jnp, metaopt
+      >>> opt = metaopt.scale_by_shampoo(blocking=metaopt.Blocking(block_size=4))
+      >>> state = opt.init(jnp.zeros((8, 6)))
+      >>> # An [8, 6] matrix in blocks of at most 4: a 2 x 2 grid, the last columns zero-padded.
+      >>> [s.shape for s in state.statistics]
+      [(2, 2, 4, 4), (2, 2, 4, 4)]
+
     Attributes:
       block_size: longest preconditioned axis of one block. Longer axes are cut into blocks
         of this length (the last one zero-padded). Memory per preconditioned axis is about

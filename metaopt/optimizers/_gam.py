@@ -48,6 +48,17 @@ def scale_by_gam(
     ``all_params=`` to ``update`` (see :func:`scale_by_sam`). Hyperparameters must be finite
     numbers, arrays or schedules: anything else raises at construction, naming the argument.
 
+    Example:
+      >>> import jax, jax.numpy as jnp, metaopt
+      >>> # On this loss the Hessian is I, so the flatness term's gradient is rho p / |p|.
+      >>> loss = lambda p: 0.5 * jnp.sum(p**2)
+      >>> params = jnp.array([3.0, 4.0])
+      >>> opt = metaopt.scale_by_gam(rho=0.5, alpha=1.0)
+      >>> grads, _ = opt.update(jax.grad(loss)(params), opt.init(params), params,
+      ...                       grad_fn=jax.grad(loss))
+      >>> print(jnp.round(grads, 4))  # (3, 4) + 1.0 * 0.5 * (0.6, 0.8)
+      [3.3 4.4]
+
     References:
       Zhang et al., `Gradient Norm Aware Minimization Seeks First-Order Flatness and Improves
       Generalization <https://arxiv.org/abs/2303.03108>`_, CVPR 2023.
@@ -128,6 +139,10 @@ def gam(
       ...     params = optax.apply_updates(params, updates)
       >>> print(bool(loss(params) < 1e-3))
       True
+
+    References:
+      Zhang et al., `Gradient Norm Aware Minimization Seeks First-Order Flatness and Improves
+      Generalization <https://arxiv.org/abs/2303.03108>`_, CVPR 2023.
 
     Args:
       base_optimizer: the optax transform that turns GAM's gradient into an update.

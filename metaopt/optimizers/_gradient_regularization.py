@@ -60,6 +60,16 @@ def scale_by_gradient_regularization(
     ``all_params=`` to ``update`` (see :func:`scale_by_sam`). Hyperparameters must be finite
     numbers, arrays or schedules: anything else raises at construction, naming the argument.
 
+    Example:
+      >>> import jax, jax.numpy as jnp, metaopt
+      >>> loss = lambda p: 0.5 * jnp.sum(p**2)  # Hessian I, so g + gamma H g = (1 + gamma) g
+      >>> params = jnp.array([3.0, 4.0])
+      >>> opt = metaopt.scale_by_gradient_regularization(gamma=0.1)
+      >>> grads, _ = opt.update(jax.grad(loss)(params), opt.init(params), params,
+      ...                       grad_fn=jax.grad(loss))
+      >>> print(jnp.round(grads, 4))
+      [3.3 4.4]
+
     References:
       Karakida et al., `Understanding Gradient Regularization in Deep Learning: Efficient
       Finite-Difference Computation and Implicit Bias <https://arxiv.org/abs/2210.02720>`_,
@@ -147,6 +157,11 @@ def gradient_regularization(
       ...     params = optax.apply_updates(params, updates)
       >>> print(params)
       [3. 3. 3.]
+
+    References:
+      Karakida et al., `Understanding Gradient Regularization in Deep Learning: Efficient
+      Finite-Difference Computation and Implicit Bias <https://arxiv.org/abs/2210.02720>`_,
+      ICML 2023.
 
     Args:
       base_optimizer: the optax transform that turns the regularized gradient into an update.

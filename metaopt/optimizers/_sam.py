@@ -22,6 +22,17 @@ GradFn = Callable[[optax.Params], optax.Updates]
 class SharpnessAwareState(NamedTuple):
     """State of the sharpness-aware transforms (:func:`scale_by_sam` and its family).
 
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, metaopt
+      >>> loss = lambda p: 0.5 * jnp.sum(p**2)
+      >>> params = jnp.array([3.0, 4.0])
+      >>> opt = metaopt.sam(optax.sgd(0.1), rho=0.05)
+      >>> _, state = opt.update(jax.grad(loss)(params), opt.init(params), params,
+      ...                       grad_fn=jax.grad(loss))
+      >>> sam_state = state[0]  # the chain's first member is scale_by_sam's state
+      >>> print(int(sam_state.count), float(sam_state.gradient_norm))
+      1 5.0
+
     Attributes:
       count: number of updates made so far (int32); schedules of rho and the other
         hyperparameters are evaluated at it.
@@ -81,6 +92,16 @@ def scale_by_sam(
     gradient is averaged over it too. Leave ``axis_name`` unset to get per-replica perturbations
     (the paper's m-sharpness).
 
+    Example:
+      >>> import jax, jax.numpy as jnp, metaopt
+      >>> loss = lambda p: 0.5 * jnp.sum(p**2)  # gradient p
+      >>> params = jnp.array([3.0, 4.0])
+      >>> opt = metaopt.scale_by_sam(rho=0.5)
+      >>> grads, _ = opt.update(jax.grad(loss)(params), opt.init(params), params,
+      ...                       grad_fn=jax.grad(loss))
+      >>> print(grads)  # the gradient at params + 0.5 * (3, 4) / 5
+      [3.3 4.4]
+
     References:
       Foret et al., `Sharpness-Aware Minimization for Efficiently Improving Generalization
       <https://arxiv.org/abs/2010.01412>`_, ICLR 2021.
@@ -139,6 +160,10 @@ def sam(
       ...     params = optax.apply_updates(params, updates)
       >>> print(f"{loss(params):.4f}")
       0.0000
+
+    References:
+      Foret et al., `Sharpness-Aware Minimization for Efficiently Improving Generalization
+      <https://arxiv.org/abs/2010.01412>`_, ICLR 2021.
 
     Args:
       base_optimizer: the optax transform that turns SAM's gradient into an update; anything

@@ -21,6 +21,15 @@ from metaopt.optimizers._tree_checks import check_matching
 class ScaleBySimplifiedAdEMAMixState(NamedTuple):
     """State of :func:`scale_by_simplified_ademamix`.
 
+    Example:
+      >>> import jax.numpy as jnp, metaopt
+      >>> opt = metaopt.scale_by_simplified_ademamix(b1=0.9)
+      >>> state = opt.init(jnp.zeros(1))
+      >>> for _ in range(2):
+      ...     _, state = opt.update(jnp.ones(1), state)
+      >>> print(int(state.count), round(float(state.m[0]), 4))  # 0.9 * 1 + 1, not averaged
+      2 1.9
+
     Attributes:
       count: number of updates made so far (int32).
       m: accumulated (not averaged) momentum :math:`\\sum_k \\beta_1^{t-k} g_k`, in ``mu_dtype``.
@@ -53,6 +62,17 @@ def scale_by_simplified_ademamix(
     and the current gradient, weighted by :math:`\alpha`, the part of its fast EMA. With
     :math:`\alpha = 0` it is Adam with a rescaled learning rate. Use a smaller learning rate than
     for Adam: the momentum is about :math:`1/(1-\beta_1)` times larger.
+
+    Example:
+      >>> import jax.numpy as jnp, metaopt
+      >>> opt = metaopt.scale_by_simplified_ademamix(b1=0.99, alpha=0.0)
+      >>> state = opt.init(jnp.zeros(2))
+      >>> g = jnp.array([2.0, -3.0])
+      >>> first, state = opt.update(g, state)
+      >>> second, state = opt.update(g, state)
+      >>> # The momentum is a sum: the same gradient twice gives 1 + b1 times the first step.
+      >>> print(jnp.round(first, 4), [round(float(r), 4) for r in second / first])
+      [ 1. -1.] [1.99, 1.99]
 
     References:
       Morwani et al., `Connections between Schedule-Free Optimizers, AdEMAMix, and Accelerated
@@ -137,6 +157,10 @@ def simplified_ademamix(
       ...     params = optax.apply_updates(params, updates)
       >>> print(f"{loss(params):.3f}")
       0.0...
+
+    References:
+      Morwani et al., `Connections between Schedule-Free Optimizers, AdEMAMix, and Accelerated
+      SGD Variants <https://arxiv.org/abs/2502.02431>`_, 2025.
 
     Args:
       learning_rate: step size, a float, traced array or schedule.

@@ -15,6 +15,16 @@ import numpy as np
 class ClassificationData(NamedTuple):
     """A train/test split of a classification data set (a pytree of NumPy arrays).
 
+    Example:
+      >>> from metaopt.tasks import load_digits
+      >>> data = load_digits(seed=0)
+      >>> x_train, y_train, x_test, y_test = data  # a NamedTuple: unpacks in field order
+      >>> x_train.shape, y_test.shape
+      ((1438, 64), (359,))
+      >>> # Standardized with the training set's statistics.
+      >>> print(abs(float(x_train.mean())) < 1e-3)
+      True
+
     Attributes:
       x_train: training inputs, float32, shape ``(n_train, n_features)``.
       y_train: training labels, int32, shape ``(n_train,)``.

@@ -25,6 +25,14 @@ _ROTATIONS = (0, 90, 180, 270)
 class FewShotPool(NamedTuple):
     """The classes episodes are drawn from, each with its images, padded to a common count.
 
+    Example:
+      >>> from metaopt.tasks import digits_fewshot_pools
+      >>> train_pool, _ = digits_fewshot_pools()
+      >>> c = train_pool.names.index("3@90")  # the digit 3 rotated by 90 degrees
+      >>> n = int(train_pool.counts[c])
+      >>> bool((train_pool.images[c, n:] == 0).all())  # the rows after counts[c] are padding
+      True
+
     Attributes:
       images: float32 array of shape ``(num_classes, max_count, 64)``: image ``j`` of class
         ``c`` is ``images[c, j]``, flattened row by row, for ``j < counts[c]``; the rows after
@@ -164,8 +172,7 @@ def fewshot_tasks(
     argument (its ``names`` are strings, and its ``counts`` are checked in Python).
 
     Example:
-      >>> import jax
-      >>> from metaopt.tasks import digits_fewshot_pools, fewshot_tasks
+      >>> from metaopt.tasks import digits_fewshot_pools
       >>> train_pool, _ = digits_fewshot_pools()
       >>> tasks = fewshot_tasks(jax.random.key(0), train_pool, 4, ways=5, shots=2, query_shots=3)
       >>> (x, y), (x_query, y_query) = tasks.support, tasks.query

@@ -30,6 +30,18 @@ class Task(NamedTuple):
     ``jax.vmap(f)(tasks)`` calls ``f`` once per task, on a ``Task`` without that axis, and
     ``jax.tree.map(lambda x: x[i], tasks)`` picks task ``i``.
 
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from metaopt.tasks import Task, sinusoid_tasks
+      >>> tasks = sinusoid_tasks(jax.random.key(0), 8, shots=5)
+      >>> isinstance(tasks, Task), tasks.support[0].shape
+      (True, (8, 5, 1))
+      >>> first = jax.tree.map(lambda x: x[0], tasks)  # task 0, without the task axis
+      >>> first.support[0].shape
+      (5, 1)
+      >>> jax.vmap(lambda task: jnp.mean(task.query[1] ** 2))(tasks).shape  # one value per task
+      (8,)
+
     Attributes:
       support: ``(inputs, targets)`` the learner adapts on (the "training set" of the task).
       query: ``(inputs, targets)`` the adapted learner is evaluated on (the "test set").

@@ -118,3 +118,41 @@ def test_public_name_has_its_own_docstring(name):
         automatic = f"{obj.__name__}({', '.join(obj._fields)})"
         assert doc.strip() != automatic, f"{name} has only the automatic docstring"
 
+
+CALLABLES = [
+    name for name in PUBLIC_NAMES if inspect.isfunction(_obj(name)) or inspect.isclass(_obj(name))
+]
+
+
+@pytest.mark.parametrize("name", CALLABLES)
+def test_public_function_or_class_has_a_runnable_example(name):
+    # Doctests run with the module's tests (--doctest-modules), so an example here is checked.
+    doc = inspect.getdoc(_obj(name)) or ""
+    assert re.search(r"^Examples?\b", doc, re.MULTILINE) and ">>>" in doc, (
+        f"{name}: add an 'Example:' section with a '>>>' example that checks something"
+    )
+
+
+ALIASES = [
+    name
+    for name in metaopt.__all__
+    if f"scale_by_{name}" in metaopt.__all__ and inspect.isfunction(getattr(metaopt, name))
+]
+
+
+def test_the_aliases_are_found():
+    assert {"ademamix", "sam", "shampoo", "soap"} <= set(ALIASES), ALIASES
+
+
+@pytest.mark.parametrize("name", ALIASES)
+def test_alias_cites_the_papers_of_its_core(name):
+    alias, core = (
+        inspect.getdoc(getattr(metaopt, name)),
+        inspect.getdoc(getattr(metaopt, f"scale_by_{name}")),
+    )
+    assert "References:" in alias, f"metaopt.{name}: add a References: section"
+    papers = set(re.findall(r"<(https?://[^>]+)>", core.split("References:")[1].split("Args:")[0]))
+    cited = set(re.findall(r"<(https?://[^>]+)>", alias.split("References:")[1]))
+    assert papers <= cited, (
+        f"metaopt.{name} should cite {sorted(papers - cited)}, as scale_by_{name} does"
+    )

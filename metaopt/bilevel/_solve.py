@@ -21,6 +21,16 @@ from metaopt.optimizers._common import global_norm
 class SolveDiagnostics(NamedTuple):
     """What happened in an inner solve; every field is an array (vmapped solves batch them).
 
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from metaopt import bilevel
+      >>> inner = lambda w: 0.5 * jnp.sum((w - 1.0) ** 2)
+      >>> _, info = bilevel.solve(inner, jnp.zeros(2), optimizer=optax.sgd(0.5), steps=100,
+      ...                         tol=1e-6)
+      >>> # Each step halves the distance to the solution: 21 steps reach the tolerance.
+      >>> int(info.steps), bool(info.gradient_norm <= 1e-6), bool(info.converged)
+      (21, True, True)
+
     Attributes:
       steps: optimizer steps taken (int32).
       gradient_norm: norm of the inner gradient at the returned parameters.
@@ -38,7 +48,24 @@ class SolveDiagnostics(NamedTuple):
 
 
 class InnerSolveWarning(RuntimeWarning):
-    """An inner solve differentiated implicitly did not reach its tolerance."""
+    """An inner solve differentiated implicitly did not reach its tolerance.
+
+    Example:
+      >>> import warnings
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from metaopt import bilevel
+      >>> def outer(lam):  # three steps are far from the inner solution
+      ...     inner = lambda w, lam: 0.5 * jnp.sum((w - lam) ** 2)
+      ...     w, _ = bilevel.solve(inner, jnp.zeros(1), lam, optimizer=optax.sgd(0.1), steps=3)
+      ...     return w[0]
+      >>> with warnings.catch_warnings(record=True) as caught:
+      ...     warnings.simplefilter("always")
+      ...     print(float(jax.grad(outer)(1.0)))  # the implicit derivative, 1, assumes a solution
+      1.0
+      >>> [w.category.__name__ for w in caught]
+      ['InnerSolveWarning']
+
+    """
 
 
 def solve(

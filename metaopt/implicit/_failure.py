@@ -26,7 +26,26 @@ POLICIES = ("warn", "nan", "raise", "ignore")
 
 
 class ImplicitDifferentiationWarning(RuntimeWarning):
-    """The linear solve of an implicit derivative did not converge or met negative curvature."""
+    """The linear solve of an implicit derivative did not converge or met negative curvature.
+
+    Example:
+      >>> import warnings
+      >>> import jax, jax.numpy as jnp
+      >>> from metaopt.implicit import CG, custom_root
+      >>> def optimality(x, theta):  # x* = -theta for a Hessian that is not positive definite
+      ...     return -(x + theta)
+      >>> @custom_root(optimality, solve=CG())
+      ... def solver(init, theta):
+      ...     return -theta
+      >>> with warnings.catch_warnings(record=True) as caught:
+      ...     warnings.simplefilter("always")
+      ...     # dx*/dtheta is -1, but CG stops at once on the negative curvature: do not trust 0.
+      ...     print(float(jax.grad(lambda t: solver(0.0, t))(1.0)))
+      0.0
+      >>> [w.category.__name__ for w in caught]
+      ['ImplicitDifferentiationWarning']
+
+    """
 
 
 def apply_policy(

@@ -23,6 +23,16 @@ import numpy as np
 class MatrixRootInfo(NamedTuple):
     """How well an inverse root was computed; every field is an array (batched like the input).
 
+    Example:
+      >>> import jax.numpy as jnp, metaopt
+      >>> root, info = metaopt.matrix_inverse_pth_root(jnp.diag(jnp.array([4.0, 9.0])), 2,
+      ...                                              damping=0.0)
+      >>> print(jnp.round(jnp.diag(root), 4), bool(info.finite), bool(info.relative_error < 1e-5))
+      [0.5    0.3333] True True
+      >>> _, info = metaopt.matrix_inverse_pth_root(jnp.full((2, 2), jnp.nan), 2)
+      >>> bool(info.finite), float(info.relative_error)
+      (False, inf)
+
     Attributes:
       relative_error: :math:`\\lVert X^p \\tilde A - I\\rVert_F / \\sqrt n` for the returned
         :math:`X` and the damped input :math:`\\tilde A` (0 for a zero matrix, whose root is

@@ -40,6 +40,15 @@ class Grafting:
     ``start_preconditioning_step``, and for tensors with no preconditioned axis, the grafted
     method's step is taken as it is.
 
+    Example:
+      >>> import jax.numpy as jnp, metaopt
+      >>> # SGD grafting: Shampoo's direction takes the norm of the momentum step, block by block,
+      >>> # and keeps no second moment of its own (Adam grafting keeps one like the parameters).
+      >>> sgd = metaopt.scale_by_shampoo(grafting=metaopt.Grafting(kind="sgd"))
+      >>> adam = metaopt.scale_by_shampoo(grafting=metaopt.Grafting(kind="adam"))
+      >>> sgd.init(jnp.zeros(3)).graft, adam.init(jnp.zeros(3)).graft.shape
+      ((), (3,))
+
     Attributes:
       kind: ``"adam"`` (default; with Shampoo's ``b1`` as Adam's beta1), ``"rmsprop"`` (no bias
         correction), ``"adagrad"`` (sum of squares), ``"sgd"`` (the first moment) or ``"none"``
@@ -72,6 +81,15 @@ class ScaleByShampooState(NamedTuple):
     parameter tree) and leaves ``statistics`` and ``preconditioners`` alone: their arrays do not
     have the parameters' shapes, so ``transform_non_params`` receives each of the two trees
     whole.
+
+    Example:
+      >>> import jax.numpy as jnp, metaopt
+      >>> state = metaopt.scale_by_shampoo().init({"w": jnp.zeros((4, 3))})
+      >>> # One Kronecker factor per axis of w, each [*block_grid, b, b] (a single block here).
+      >>> [s.shape for s in state.statistics["w"]]
+      [(1, 1, 4, 4), (1, 1, 3, 3)]
+      >>> int(state.count), int(state.root_failures), int(state.skipped_steps)
+      (0, 0, 0)
 
     Attributes:
       count: steps taken (int32); a skipped step (non-finite gradient) does not count.
@@ -153,6 +171,22 @@ def scale_by_shampoo(
 
     Derivatives with respect to the hyperparameters (``jax.grad`` through training) are exact:
     the roots are differentiated as matrix functions (see :func:`matrix_inverse_pth_root`).
+
+    Example:
+      >>> import jax.numpy as jnp, optax, metaopt
+      >>> opt = metaopt.scale_by_shampoo(preconditioning_frequency=5)
+      >>> g = jnp.array([[1.0, -2.0], [3.0, 0.5]])
+      >>> updates, state = opt.update(g, opt.init(jnp.zeros((2, 2))))
+      >>> # No preconditioner yet: the first step is the grafted Adam step, the sign of g.
+      >>> print(jnp.round(updates, 4))
+      [[ 1. -1.]
+       [ 1.  1.]]
+      >>> # The core in a chain of your own: clipping, Shampoo's direction, a decaying step.
+      >>> opt = optax.chain(
+      ...     optax.clip_by_global_norm(1.0),
+      ...     metaopt.scale_by_shampoo(),
+      ...     optax.scale_by_learning_rate(optax.cosine_decay_schedule(1e-3, 10_000)),
+      ... )
 
     References:
       Gupta, Koren and Singer, `Shampoo: Preconditioned Stochastic Tensor Optimization
@@ -470,6 +504,13 @@ def shampoo(
       ...     w = optax.apply_updates(w, updates)
       >>> print(bool(loss(w) < 1e-6), int(state[0].root_failures))
       True 0
+
+    References:
+      Gupta, Koren and Singer, `Shampoo: Preconditioned Stochastic Tensor Optimization
+      <https://arxiv.org/abs/1802.09568>`_, 2018; Anil et al., `Scalable Second Order
+      Optimization for Deep Learning <https://arxiv.org/abs/2002.09018>`_, 2020; Shi et al.,
+      `A Distributed Data-Parallel PyTorch Implementation of the Distributed Shampoo Optimizer
+      <https://arxiv.org/abs/2309.06497>`_, 2023.
 
     Args:
       learning_rate: step size :math:`\eta`, a float, traced array or schedule.

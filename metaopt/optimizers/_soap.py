@@ -33,6 +33,15 @@ class ScaleBySOAPState(NamedTuple):
     and leaves ``nu``, ``statistics`` and ``eigenbases`` alone, since their arrays are in block
     layout; ``transform_non_params`` receives each of these trees whole.
 
+    Example:
+      >>> import jax.numpy as jnp, metaopt
+      >>> state = metaopt.scale_by_soap().init({"w": jnp.zeros((4, 3))})
+      >>> # One statistic and one eigenbasis per axis of w, each [*block_grid, b, b].
+      >>> [q.shape for q in state.eigenbases["w"]]
+      [(1, 1, 4, 4), (1, 1, 3, 3)]
+      >>> state.mu["w"].shape, int(state.count)
+      ((4, 3), 0)
+
     Attributes:
       count: steps taken (int32); a skipped step (non-finite gradient) does not count.
       mu: first moment, in the parameters' own coordinates (like the parameters).
@@ -104,6 +113,23 @@ def scale_by_soap(
     differentiable where eigenvalues repeat (rank-deficient statistics early in training), and a
     basis is a choice of coordinates rather than a smooth function of the hyperparameters.
     Gradients flow through the statistics-free parts: the moments and the rotations.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, metaopt
+      >>> opt = metaopt.scale_by_soap()
+      >>> g = jnp.array([[1.0, -2.0], [3.0, 0.5]])
+      >>> updates, state = opt.update(g, opt.init(jnp.zeros((2, 2))))
+      >>> # The first statistics' eigenvectors are g's singular vectors, so the first step (Adam's
+      >>> # first step, a sign, in that basis) is g's orthogonal polar factor U V^T.
+      >>> u, _, vt = jnp.linalg.svd(g)
+      >>> bool(jnp.allclose(updates, u @ vt, atol=1e-5))
+      True
+      >>> # The core in a chain of your own: clipping, SOAP's direction, a decaying step.
+      >>> opt = optax.chain(
+      ...     optax.clip_by_global_norm(1.0),
+      ...     metaopt.scale_by_soap(),
+      ...     optax.scale_by_learning_rate(optax.cosine_decay_schedule(3e-3, 10_000)),
+      ... )
 
     References:
       Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
@@ -291,6 +317,10 @@ def soap(
       ...     w = optax.apply_updates(w, updates)
       >>> print(bool(loss(w) < 1e-4))
       True
+
+    References:
+      Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
+      <https://arxiv.org/abs/2409.11321>`_, 2024 (Algorithm 3).
 
     Args:
       learning_rate: step size :math:`\eta`, a float, traced array or schedule.

@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-# One {"w": (fan_in, fan_out), "b": (fan_out,)} dict per layer, input layer first.
+# One {"w": (fan_in, fan_out), "b": (fan_out,)} dict per layer, input layer first
+# (documented in docs/api/tasks.md: a type alias carries no docstring of its own).
 MLPParams = list[dict[str, jax.Array]]
 
 

@@ -342,6 +342,17 @@ def gradient_function(
     return visible_part_of_gradient
 
 
+def tuples_per_leaf(treedef: Any, field: Any) -> Any:
+    """A state field that holds a tuple of arrays per parameter, with each tuple rebuilt.
+
+    ``flax.nnx.Optimizer`` keeps the optimizer state in nnx variables; from its second update
+    on it hands the state back with every tuple nested inside the parameters' ``nnx.State``
+    turned into a mapping ``{0: ..., 1: ...}`` (flax 0.12). Shampoo and SOAP rebuild the tuples
+    first, so that their update works and the state keeps one tree structure.
+    """
+    return treedef.unflatten([tuple(jax.tree.leaves(x)) for x in treedef.flatten_up_to(field)])
+
+
 def increment(count: jax.Array) -> jax.Array:
     """Adds one to an int32 step counter without overflowing."""
     return optax.safe_int32_increment(count)

@@ -292,6 +292,10 @@ def scale_by_shampoo(
         check_matching("updates", updates, "state.mu", state.mu, hint=STATE_FOR_OTHER_PARAMS)
         del params
         leaves, treedef = jax.tree.flatten(updates)
+        state = state._replace(
+            statistics=_common.tuples_per_leaf(treedef, state.statistics),
+            preconditioners=_common.tuples_per_leaf(treedef, state.preconditioners),
+        )
         plans = [plan_blocks(g.shape, blocking) for g in leaves]
         hyper = {
             "b1": _common.value_at(b1, state.count),

@@ -195,6 +195,11 @@ def scale_by_soap(
         if params is not None:
             check_matching("updates", updates, "params", params)
         check_matching("updates", updates, "state.mu", state.mu, hint=STATE_FOR_OTHER_PARAMS)
+        treedef = jax.tree.structure(updates)
+        state = state._replace(
+            statistics=_common.tuples_per_leaf(treedef, state.statistics),
+            eigenbases=_common.tuples_per_leaf(treedef, state.eigenbases),
+        )
         # One NaN or Inf would stay in the statistics and moments for good (every later basis
         # and step NaN): such a step is skipped whole, with a zero update, and counted.
         leaves = jax.tree.leaves(updates)

@@ -14,7 +14,7 @@ import optax
 
 from metaopt.bilevel._diff import FirstOrder, Implicit, Truncated, Unrolled
 from metaopt.implicit import custom_root
-from metaopt.implicit._failure import call_host_on_failure, raise_or_warn
+from metaopt.implicit._failure import raise_or_warn, report_on_failure
 from metaopt.optimizers._common import global_norm
 
 
@@ -374,10 +374,10 @@ def _guard_jvp(on_failure, primals, tangents):
         return params, jax.tree.map(lambda t: t * factor.astype(t.dtype), params_dot)
     report = functools.partial(_report_inner, raise_error=on_failure == "raise")
     if gradient_norm is None:
-        call_host_on_failure(failed, functools.partial(report, gradient_norm=None), steps)
+        report, operands = functools.partial(report, gradient_norm=None), (steps,)
     else:
-        call_host_on_failure(failed, report, steps, gradient_norm)
-    return params, params_dot
+        operands = (steps, gradient_norm)
+    return params, report_on_failure(params_dot, failed, report, *operands)
 
 
 def _report_inner(failed: Any, steps: Any, gradient_norm: Any, *, raise_error: bool) -> None:

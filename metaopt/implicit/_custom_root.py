@@ -25,8 +25,8 @@ from metaopt.implicit._failure import POLICIES, OnFailure, apply_policy
 from metaopt.implicit._failure import (
     ImplicitDifferentiationWarning as ImplicitDifferentiationWarning,
 )
-from metaopt.implicit._failure import call_host_on_failure as call_host_on_failure
 from metaopt.implicit._failure import raise_or_warn as raise_or_warn
+from metaopt.implicit._failure import report_on_failure as report_on_failure
 from metaopt.implicit._gmres import GMRES
 from metaopt.implicit._linear_solve_info import LinearSolver, as_linear_solver
 

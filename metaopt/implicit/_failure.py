@@ -15,7 +15,6 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax._src.debugging import debug_effect  # no public effect type for host reporting
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
@@ -61,67 +60,104 @@ def apply_policy(
             # The residual of a fixed budget is not a failure, and reading it for the message
             # would keep its verifying product (one more matrix-vector product) in every call.
             info = info._replace(relative_residual=None, converged=None)
-        call_host_on_failure(
-            failed, functools.partial(_report, raise_error=on_failure == "raise"), info
-        )
+        report = functools.partial(_report, raise_error=on_failure == "raise")
+        return report_on_failure(solution, failed, report, info)
     return solution
 
 
-def call_host_on_failure(failed: jax.Array, report: Callable[..., None], *operands: Any) -> None:
-    """Calls ``report(failed, *operands)`` on the host, only when ``failed`` is true somewhere.
+def report_on_failure(
+    value: Any, failed: jax.Array, report: Callable[..., None], *operands: Any
+) -> Any:
+    """Returns ``value`` unchanged, having called ``report(failed, *operands)`` on the host if
+    ``failed`` is true anywhere.
 
-    A host callback costs milliseconds (about 5 ms on XLA:CPU), so it must stay off the common,
-    successful path. A ``lax.cond`` does that for one solve; under ``vmap`` its predicate would be
-    batched and both branches run on every call, so a custom batching rule reduces the
-    predicate over the batch first (recursively, for nested ``vmap``) and ``report`` receives
-    the batched ``failed`` and operands. Nothing here is differentiated. Outside ``jit``,
-    ``report`` runs directly in Python, so an exception it raises reaches the caller unchanged.
+    The report is tied to ``value``: it runs when ``value`` is computed, and is dropped with it
+    when nothing uses it. A host callback costs milliseconds (about 5 ms on XLA:CPU), so it must
+    stay off the common, successful path:
+
+    - Compiled, a ``lax.cond`` runs the callback only when something failed. The callback is a
+      ``pure_callback`` whose dummy result (-0.0, an exact additive identity) is added to
+      ``value``, so nothing is an effect: an effect (``jax.debug.callback``) would make every
+      call wait for the device, about 65 us per call on XLA:CPU even with the branch untaken.
+    - Under ``vmap`` the predicate would be batched and both branches run on every call, so a
+      custom batching rule reduces it over the batch first (recursively, for nested ``vmap``);
+      ``report`` receives the batched ``failed`` and operands, once per batch.
+    - Outside ``jit``, ``report`` runs directly in Python, so an exception it raises reaches
+      the caller unchanged, our message first.
+    - Differentiated, ``value``'s derivative passes through unchanged; nothing else is
+      differentiated.
     """
     failed, operands = jax.lax.stop_gradient((failed, operands))
-    _report_if(failed, failed, operands, report)
+    values, value_tree = jax.tree.flatten(value)
+    out = _bind(values, failed, failed, operands, report)
+    return jax.tree.unflatten(value_tree, out)
 
 
-def _report_if(predicate: jax.Array, failed: Any, operands: Any, report: Callable) -> None:
+def _bind(values: list, predicate: jax.Array, failed: Any, operands: Any, report: Callable):
     flat, treedef = jax.tree.flatten((predicate, failed, operands))
-    _report_if_p.bind(*flat, treedef=treedef, report=report)
+    return _report_if_p.bind(*values, *flat, count=len(values), treedef=treedef, report=report)
 
 
-# A primitive rather than a plain ``lax.cond`` + ``jax.debug.callback``: evaluated eagerly
-# (outside jit) it calls ``report`` directly in Python, so the exception of
-# on_failure="raise" reaches the user as raised, our message first; compiled, it lowers to the
-# cond and callback (where XLA prefixes the error with the callback's traceback).
+# A primitive rather than a plain ``lax.cond`` + callback: evaluated eagerly (outside jit) it
+# calls ``report`` directly in Python, so the exception of on_failure="raise" reaches the user
+# as raised, our message first; compiled, it lowers to the cond and callback (where XLA
+# prefixes the error with the callback's traceback).
 _report_if_p = Primitive("metaopt_report_if")
 _report_if_p.multiple_results = True
 
 
 @_report_if_p.def_impl
-def _report_if_impl(*flat, treedef, report):
-    predicate, failed, operands = jax.tree.unflatten(treedef, flat)
+def _report_if_impl(*flat, count, treedef, report):
+    values, rest = flat[:count], flat[count:]
+    predicate, failed, operands = jax.tree.unflatten(treedef, rest)
     if np.any(np.asarray(predicate)):
         report(failed, *operands)
-    return []
+    return list(values)
 
 
-@_report_if_p.def_effectful_abstract_eval
-def _report_if_abstract_eval(*avals, treedef, report):
-    del avals, treedef, report
-    return [], {debug_effect}  # an effect, so the report is never removed as dead code
+@_report_if_p.def_abstract_eval
+def _report_if_abstract_eval(*avals, count, treedef, report):
+    del treedef, report
+    return list(avals[:count])
 
 
-def _report_if_lowering(ctx, *flat, treedef, report):
-    def conditional(*flat):
-        predicate, failed, operands = jax.tree.unflatten(treedef, flat)
-        jax.lax.cond(
+def _report_if_lowering(ctx, *flat, count, treedef, report):
+    def reported(*flat):
+        values, rest = flat[:count], flat[count:]
+        predicate, failed, operands = jax.tree.unflatten(treedef, rest)
+
+        def call_report(*args):
+            report(*args)
+            return np.array(-0.0, np.float32)
+
+        dummy = jax.lax.cond(
             jnp.any(predicate),
-            lambda: jax.debug.callback(report, failed, *operands),
-            lambda: None,
+            lambda: jax.pure_callback(
+                call_report, jax.ShapeDtypeStruct((), jnp.float32), failed, *operands
+            ),
+            lambda: jnp.array(-0.0, jnp.float32),
         )
-        return []
+        # x + (-0.0) is x for every x (+0.0, -0.0, NaN and Inf included): the dependence keeps
+        # the callback alive without changing a bit of the value.
+        return [_plus_negative_zero(v, dummy) for v in values]
 
-    return mlir.lower_fun(conditional, multiple_results=True)(ctx, *flat)
+    return mlir.lower_fun(reported, multiple_results=True)(ctx, *flat)
 
 
-def _report_if_batched(flat, dims, *, treedef, report):
+def _plus_negative_zero(value: jax.Array, dummy: jax.Array) -> jax.Array:
+    if jnp.issubdtype(value.dtype, jnp.complexfloating):
+        part = dummy.astype(jnp.finfo(value.dtype).dtype)
+        return value + jax.lax.complex(part, part)
+    if jnp.issubdtype(value.dtype, jnp.floating):
+        return value + dummy.astype(value.dtype)
+    # Integers and booleans: a zero (False) of their own type, still computed from the dummy.
+    zero = (dummy != 0).astype(value.dtype)
+    return value | zero if value.dtype == jnp.bool_ else value + zero
+
+
+def _report_if_batched(flat, dims, *, count, treedef, report):
+    values, rest = flat[:count], flat[count:]
+    value_dims, rest_dims = dims[:count], dims[count:]
     size = next(x.shape[d] for x, d in zip(flat, dims, strict=True) if d is not None)
 
     def stacked(x, d):
@@ -130,21 +166,31 @@ def _report_if_batched(flat, dims, *, treedef, report):
         return jnp.moveaxis(x, d, 0)
 
     predicate, failed, operands = jax.tree.unflatten(
-        treedef, [stacked(x, d) for x, d in zip(flat, dims, strict=True)]
+        treedef, [stacked(x, d) for x, d in zip(rest, rest_dims, strict=True)]
     )
     # One report for the whole batch, and only when some element failed.
-    _report_if(jnp.any(predicate, axis=0), failed, operands, report)
-    return [], []
+    out = _bind(list(values), jnp.any(predicate, axis=0), failed, operands, report)
+    return out, list(value_dims)
 
 
-def _report_if_jvp(primals, tangents, *, treedef, report):
-    del tangents  # the inputs are stop_gradient-ed: nothing to differentiate
-    return _report_if_p.bind(*primals, treedef=treedef, report=report), []
+def _report_if_jvp(primals, tangents, *, count, treedef, report):
+    # The report operands are stop_gradient-ed: only the values carry derivatives, unchanged.
+    out = _report_if_p.bind(*primals, count=count, treedef=treedef, report=report)
+    return out, list(tangents[:count])
+
+
+def _report_if_transpose(cotangents, *flat, count, treedef, report):
+    # Linear in the values (the identity): the cotangents pass through, still reported.
+    rest = flat[count:]
+    cotangents = [ad.instantiate_zeros(ct) if type(ct) is ad.Zero else ct for ct in cotangents]
+    out = _report_if_p.bind(*cotangents, *rest, count=count, treedef=treedef, report=report)
+    return [*out, *([None] * len(rest))]
 
 
 mlir.register_lowering(_report_if_p, _report_if_lowering)
 batching.primitive_batchers[_report_if_p] = _report_if_batched
 ad.primitive_jvps[_report_if_p] = _report_if_jvp
+ad.primitive_transposes[_report_if_p] = _report_if_transpose
 
 
 def _report(failed: Any, info: LinearSolveInfo, *, raise_error: bool) -> None:

@@ -2,6 +2,7 @@
 
 import metaopt
 
-# Shampoo and SOAP on XLA:CPU need it (no deadlock-prone scheduler, one OpenBLAS thread). Done
-# here, when the package is imported and before any suite runs a JAX computation.
+# Shampoo and SOAP on several simulated CPU devices need XLA's scheduler flag (one device needs
+# nothing); it also keeps child processes' OpenBLAS on one thread. Done here, when the package
+# is imported and before any suite runs a JAX computation.
 metaopt.prepare_cpu_environment()

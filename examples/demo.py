@@ -50,9 +50,6 @@ from metaopt.tasks import (
     sinusoid_tasks,
 )
 
-# Shampoo and SOAP on the CPU backend: see the function's docstring. Before any computation.
-metaopt.prepare_cpu_environment()
-
 _EPOCHS = flags.DEFINE_integer(
     "epochs", 60, "Passes over the training set per optimizer.", lower_bound=1
 )

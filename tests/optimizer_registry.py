@@ -332,7 +332,7 @@ CONSTRUCTORS = {
     "scale_by_gradient_regularization": (metaopt.scale_by_gradient_regularization, {}),
     "shampoo": (metaopt.shampoo, {"learning_rate": 1e-3}),
     "scale_by_shampoo": (metaopt.scale_by_shampoo, {}),
-    "soap": (metaopt.soap, {}),
+    "soap": (metaopt.soap, {"learning_rate": 1e-3}),
     "scale_by_soap": (metaopt.scale_by_soap, {}),
     "Grafting": (metaopt.Grafting, {}),
     "Blocking": (metaopt.Blocking, {}),

@@ -48,7 +48,7 @@ SHAMPOO_DEFAULTS = dict(
     b2=0.999,
     nesterov=False,
     damping=1e-6,
-    epsilon=1e-12,
+    eps_root=1e-12,
     exponent_override=None,
     block_size=1024,
     merge_small_dimensions=True,
@@ -246,7 +246,7 @@ def _shampoo_tensor(grads, shape, cfg):
             for j in index_set:
                 for i in plan.axes:
                     lhat = stats[j][i] / (1.0 - b2**n_stats) if b2 < 1 else stats[j][i]
-                    x, error = inverse_root(lhat, p, cfg["damping"], cfg["epsilon"])
+                    x, error = inverse_root(lhat, p, cfg["damping"], cfg["eps_root"])
                     if np.all(np.isfinite(x)) and (threshold is None or error <= threshold):
                         precs[j][i] = x
                     else:

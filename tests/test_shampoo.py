@@ -142,7 +142,7 @@ SHAMPOO_CASES = {
     "no_momentum": ({"w": (5, 6)}, dict(b1=0.0, merge_small_dimensions=False)),
     "strong_damping": (
         {"w": (5, 6)},
-        dict(damping=1e-2, epsilon=1e-3, b2=0.9, merge_small_dimensions=False),
+        dict(damping=1e-2, eps_root=1e-3, b2=0.9, merge_small_dimensions=False),
     ),
     # Statistics at steps 1, 3, 5, ..., roots at steps 2, 5, 8: a root step (5) where the
     # statistics were just updated and one (2, 8) where they were not.
@@ -206,12 +206,12 @@ def test_before_preconditioning_shampoo_is_adam_grafting():
 
 def test_singular_statistics_give_finite_directions():
     # A gradient row that is always zero makes the left statistic singular; a gradient that is
-    # zero everywhere makes both zero, where the root (with epsilon 0) is the zero matrix and
+    # zero everywhere makes both zero, where the root (with eps_root 0) is the zero matrix and
     # the direction falls back to the graft.
     shapes = {"w": (6, 5), "zero": (4, 3)}
     params, grads = _problem(shapes, steps=6, seed=300, zero_rows={"w": 2, "zero": slice(None)})
-    for epsilon in (1e-12, 0.0):
-        config = dict(preconditioning_frequency=2, merge_small_dimensions=False, epsilon=epsilon)
+    for eps_root in (1e-12, 0.0):
+        config = dict(preconditioning_frequency=2, merge_small_dimensions=False, eps_root=eps_root)
         expected, failures = ref.shampoo_reference(params, grads, **config)
         got, state = _directions(_shampoo(config), params, grads)
         _assert_close(got, expected)
@@ -249,7 +249,7 @@ def test_root_rejected_by_threshold_keeps_previous_preconditioner():
     config = dict(
         b2=0.0,
         damping=1e-13,
-        epsilon=1e-30,
+        eps_root=1e-30,
         preconditioning_frequency=2,
         merge_small_dimensions=False,
         root_error_threshold=1e-8,

@@ -90,10 +90,13 @@ def make_shampoo(learning_rate, block_size=None, frequency=10, start=None, root_
 
 
 def make_soap(learning_rate, block_size=None, frequency=10):
-    """metaopt.soap with its defaults (vectors get plain Adam) and the given block size."""
+    """metaopt.soap with the paper's settings (vectors get plain Adam, weight decay 0.01, as in
+    the recorded runs) and the given block size."""
     blocking = (
         None
         if block_size is None
         else metaopt.Blocking(block_size=block_size, precondition_vectors=False)
     )
-    return metaopt.soap(learning_rate, preconditioning_frequency=frequency, blocking=blocking)
+    return metaopt.soap(
+        learning_rate, weight_decay=0.01, preconditioning_frequency=frequency, blocking=blocking
+    )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import inspect
 import numbers
 import os
 import warnings
@@ -359,34 +361,40 @@ def increment(count: jax.Array) -> jax.Array:
 
 
 # Two problems of XLA:CPU (jaxlib 0.10) on programs with eigendecompositions, as Shampoo's and
-# SOAP's root steps are. (1) Batched LAPACK calls (eigh, qr of a stack of blocks) spread the batch
-# over XLA's intra-op threads and wait for it; two in flight at once can wait on each other
-# forever. metaopt computes the roots one block at a time on a single CPU device, which never
-# queues work (see _matrix_root.sequential_by_default); with several CPU devices the blocks stay
-# batched, and turning off XLA's concurrency-optimized scheduler (this flag) makes the deadlock
-# rare. (2) LAPACK runs on OpenBLAS, whose threads spin while waiting and, on a busy machine, made
-# steps 40 to 200 times slower; one OpenBLAS thread avoids it.
+# SOAP's root steps are; metaopt handles both where the matrix functions are traced
+# (_matrix_root.map_matrices), never at import or construction. (1) Batched LAPACK calls (eigh,
+# qr of a stack of blocks) spread the batch over XLA's intra-op threads and wait for it; two in
+# flight at once can wait on each other forever. On a single CPU device metaopt computes the
+# blocks one at a time, which never queues work (_matrix_root.sequential_by_default); with
+# several CPU devices the blocks stay batched, and turning off XLA's concurrency-optimized
+# scheduler (this flag, which must be set before the backend starts) makes the deadlock rare.
+# (2) jaxlib's LAPACK is scipy's OpenBLAS, whose threads spin while they wait: beside XLA's own
+# threads on a busy machine, steps with roots were 20 to 200 times slower. use_one_lapack_thread
+# runs that OpenBLAS on one thread (see BUILD_NOTES for the measurements and the choice).
 CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+# A thread count the user chose, which metaopt leaves alone (OpenBLAS reads them in this order).
+THREAD_COUNT_VARIABLES = ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")
 
 
 def prepare_cpu_environment() -> None:
-    """Sets the environment that Shampoo and SOAP want on the CPU backend (jaxlib 0.10).
+    """Sets the XLA flag that several simulated CPU devices need for Shampoo and SOAP.
 
-    Sets ``OPENBLAS_NUM_THREADS=1`` unless it is set (OpenBLAS's spinning threads made root steps
-    40 to 200 times slower on a busy machine) and appends
-    ``--xla_cpu_enable_concurrency_optimized_scheduler=false`` to ``XLA_FLAGS``, which matters
-    with several CPU devices (``--xla_force_host_platform_device_count``): there the blocks'
+    Not needed on a single CPU device (the default), on GPU or on TPU: there metaopt needs
+    nothing from the environment. With several CPU devices
+    (``--xla_force_host_platform_device_count``, as in tests of sharded code) the blocks'
     eigendecompositions run as batches, and two batches in flight at once can deadlock in
-    jaxlib's LAPACK loop; the flag made that rare (no hang in our stress runs of small problems,
-    one in the benchmark's 64-block MLP before metaopt stopped batching on one device). On a
-    single CPU device metaopt computes the blocks one at a time, which cannot deadlock. Call it
-    after importing metaopt and before the first JAX computation; it changes nothing that is
-    already set, and has no effect once the CPU backend has started. On GPU and TPU it is
-    harmless and unnecessary.
+    jaxlib 0.10's LAPACK loop. This appends
+    ``--xla_cpu_enable_concurrency_optimized_scheduler=false`` to ``XLA_FLAGS``, which made
+    that rare (no hang in 13 stress runs, against 5 of 9 without it), and sets
+    ``OPENBLAS_NUM_THREADS=1`` for processes started from this one (metaopt already runs
+    jaxlib's OpenBLAS on one thread in this process). It changes nothing that is already set,
+    and XLA reads its flags only when the backend starts: call it after importing metaopt and
+    before the first JAX computation, or set both variables in the shell.
 
     Example:
       >>> import metaopt
-      >>> metaopt.prepare_cpu_environment()  # first thing in a script that trains on CPU
+      >>> metaopt.prepare_cpu_environment()  # first thing in a script that simulates devices
     """
     flags = os.environ.get("XLA_FLAGS", "")
     if CPU_SCHEDULER_FLAG.split("=")[0] not in flags:
@@ -394,28 +402,91 @@ def prepare_cpu_environment() -> None:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
-def warn_if_cpu_may_deadlock(algorithm: str) -> None:
-    """Warns on XLA:CPU when :func:`prepare_cpu_environment`'s settings are missing and matter."""
-    if jax.default_backend() != "cpu":
-        return
-    missing = []
-    if "OPENBLAS_NUM_THREADS" not in os.environ:
-        missing.append(
-            "OPENBLAS_NUM_THREADS=1 (OpenBLAS's threads can slow root steps 40 to 200 "
-            "times on a busy machine)"
-        )
-    several = jax.device_count() > 1
-    if several and CPU_SCHEDULER_FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
-        missing.append(
-            f"XLA_FLAGS={CPU_SCHEDULER_FLAG} (with {jax.device_count()} CPU devices "
-            f"the blocks' eigendecompositions run batched, which can deadlock)"
-        )
-    if not missing:
+@functools.cache
+def use_one_lapack_thread() -> bool:
+    """Runs the OpenBLAS behind jaxlib's CPU LAPACK on one thread; once per process.
+
+    Called when a matrix function is traced for the CPU backend, never at import or
+    construction. Leaves the library alone when the user chose a thread count
+    (``OPENBLAS_NUM_THREADS``, ``GOTO_NUM_THREADS`` or ``OMP_NUM_THREADS`` set) and when
+    jaxlib's LAPACK is not an OpenBLAS that can be found (then one of these variables is the
+    remedy). The change is process-wide but reaches only that library, scipy's: NumPy has its
+    own. Returns whether the count was set.
+    """
+    if any(name in os.environ for name in THREAD_COUNT_VARIABLES):
+        return False
+    try:
+        # jaxlib takes its LAPACK from here; dlsym on this module also searches the libraries
+        # it links, which is where the OpenBLAS functions are.
+        from scipy.linalg import cython_lapack
+
+        library = ctypes.CDLL(cython_lapack.__file__)
+    except (ImportError, OSError):
+        return False
+    for name in ("scipy_openblas_set_num_threads", "openblas_set_num_threads"):
+        set_num_threads = getattr(library, name, None)
+        if set_num_threads is not None:
+            set_num_threads.argtypes, set_num_threads.restype = [ctypes.c_int], None
+            set_num_threads(1)
+            return True
+    return False
+
+
+def warn_if_batched_cpu_roots_may_deadlock() -> None:
+    """Warns, when batched matrix functions are traced on several CPU devices, without the flag.
+
+    Only there can jaxlib 0.10's batched LAPACK calls deadlock (see
+    :func:`prepare_cpu_environment`); a single device, GPU and TPU need nothing.
+    """
+    if CPU_SCHEDULER_FLAG.split("=")[0] in os.environ.get("XLA_FLAGS", ""):
         return
     warnings.warn(
-        f"{algorithm} on the CPU backend without {' and '.join(missing)}. Call "
-        f"metaopt.prepare_cpu_environment() before the first JAX computation (see the Shampoo "
-        f"guide, 'Known problems on CPU').",
+        f"Batched eigendecompositions on the CPU backend ({jax.device_count()} devices) without "
+        f"XLA_FLAGS={CPU_SCHEDULER_FLAG}: jaxlib's batched LAPACK calls can deadlock there. "
+        f"Call metaopt.prepare_cpu_environment() before the first JAX computation (see the "
+        f"Shampoo guide, 'Known problems on CPU').",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=2,
     )
+
+
+def renamed_arguments(
+    renamed: dict[str, str], *, keyword_only: tuple[str, ...] = ()
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorates a factory so that arguments it no longer accepts fail with the fix in the message.
+
+    ``renamed`` maps an old keyword to its new name; ``keyword_only`` lists arguments that used
+    to be positional. Either raises a ``TypeError`` naming the new form instead of Python's
+    "unexpected keyword argument" or "takes at most n positional arguments", and nothing old is
+    accepted silently. The signature (``inspect.signature``, ``optax.inject_hyperparams``,
+    the docs) is the factory's own.
+    """
+
+    def decorate(factory: Callable[..., Any]) -> Callable[..., Any]:
+        name = factory.__name__
+        positional = [
+            p.name
+            for p in inspect.signature(factory).parameters.values()
+            if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+        ]
+
+        @functools.wraps(factory)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            for old, new in renamed.items():
+                if old in kwargs:
+                    raise TypeError(
+                        f"{name}() has no argument {old!r}: it is called {new!r} now "
+                        f"(pass {new}={kwargs[old]!r})."
+                    )
+            if keyword_only and len(args) > len(positional):
+                raise TypeError(
+                    f"{name}() takes at most {len(positional)} positional arguments "
+                    f"({', '.join(positional)}), got {len(args)}; "
+                    f"{' and '.join(keyword_only)} are keyword-only now "
+                    f"(for example {keyword_only[0]}=...)."
+                )
+            return factory(*args, **kwargs)
+
+        return checked
+
+    return decorate

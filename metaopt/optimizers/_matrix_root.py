@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metaopt.optimizers import _common
+
 
 class MatrixRootInfo(NamedTuple):
     """How well an inverse root was computed; every field is an array (batched like the input).
@@ -161,9 +163,10 @@ def sequential_by_default() -> bool:
     True on a single CPU device. jaxlib 0.10's CPU eigendecomposition and QR of a *batch* of
     matrices spread the batch over XLA's intra-op threads and wait for them; two such calls in
     flight at once (Shampoo's roots for two parameters) can wait on each other forever. One
-    matrix at a time never queues work, and with one OpenBLAS thread it is as fast. With several
-    devices the batch stays vectorized, because a sequential loop over a sharded batch would
-    gather it onto every device; there :func:`prepare_cpu_environment` is the workaround.
+    matrix at a time never queues work, and is as fast (jaxlib's OpenBLAS runs on one thread,
+    see :func:`map_matrices`). With several devices the batch stays vectorized, because a
+    sequential loop over a sharded batch would gather it onto every device; there
+    :func:`prepare_cpu_environment`'s flag is the workaround.
     """
     return jax.default_backend() == "cpu" and jax.device_count() == 1
 
@@ -174,11 +177,20 @@ def map_matrices(fn, *matrices: jax.Array, sequential: bool | None = None):
     The arrays share their batch dimensions. Vectorized (``jax.vmap``) or, when ``sequential``
     (default :func:`sequential_by_default`), one matrix at a time with ``lax.map``; the outputs
     get the batch dimensions back.
+
+    On the CPU backend, where ``fn``'s eigendecompositions and QR factorizations run in jaxlib's
+    LAPACK, the first call runs that library's OpenBLAS on one thread (see
+    :func:`_common.use_one_lapack_thread`), and a vectorized batch on several CPU devices warns
+    unless XLA's scheduler flag is set (see :func:`prepare_cpu_environment`).
     """
     if sequential is None:
         sequential = sequential_by_default()
     batch_shape = matrices[0].shape[:-2]
     flat = tuple(m.reshape((-1, *m.shape[-2:])) for m in matrices)
+    if jax.default_backend() == "cpu":
+        _common.use_one_lapack_thread()
+        if not sequential and flat[0].shape[0] > 1:
+            _common.warn_if_batched_cpu_roots_may_deadlock()
     if sequential and flat[0].shape[0] > 1:
         out = jax.lax.map(lambda args: fn(*args), flat)
     else:

@@ -117,13 +117,14 @@ class ScaleByShampooState(NamedTuple):
     skipped_steps: jax.Array
 
 
+@_common.renamed_arguments({"epsilon": "eps_root"})
 def scale_by_shampoo(
     b1: ScalarOrSchedule = 0.9,
     b2: ScalarOrSchedule = 0.999,
     *,
     nesterov: bool = False,
     damping: ScalarOrSchedule = 1e-6,
-    epsilon: ScalarOrSchedule = 1e-12,
+    eps_root: ScalarOrSchedule = 1e-12,
     exponent_override: int | Sequence[int] | None = None,
     blocking: Blocking | None = None,
     grafting: Grafting | None = None,
@@ -200,7 +201,8 @@ def scale_by_shampoo(
       b2: statistics rate, in [0, 1]; 1 sums the statistics (the original Shampoo).
       nesterov: use the Nesterov (NAdam) form of the first moment.
       damping: :math:`\delta`, added to the statistics relative to their largest eigenvalue.
-      epsilon: :math:`\epsilon`, absolute damping.
+      eps_root: :math:`\epsilon`, absolute damping, added to the statistics inside the root
+        (optax's name for a constant inside a root; ``epsilon`` in metaopt 0.1).
       exponent_override: the root :math:`p`: an int for every tensor, or a sequence whose
         entry ``c - 1`` applies to tensors with ``c`` preconditioned axes (0 or a missing
         entry keeps the default ``2c``).
@@ -225,7 +227,7 @@ def scale_by_shampoo(
     _common.check_range("b1", b1, 0.0, 1.0, fix="EMA rates must be at least 0 and below 1.")
     _common.check_range("b2", b2, 0.0, 1.0, high_inclusive=True, fix="Use 1 to sum statistics.")
     _common.check_nonnegative("damping", damping)
-    _common.check_nonnegative("epsilon", epsilon)
+    _common.check_nonnegative("eps_root", eps_root)
     for name, value in (
         ("statistics_frequency", statistics_frequency),
         ("preconditioning_frequency", preconditioning_frequency),
@@ -246,7 +248,6 @@ def scale_by_shampoo(
     grafting = Grafting() if grafting is None else grafting
     if not isinstance(blocking, Blocking):
         raise TypeError(f"blocking must be a metaopt.Blocking, got blocking={blocking!r}.")
-    _common.warn_if_cpu_may_deadlock("scale_by_shampoo")
     if not isinstance(grafting, Grafting):
         raise TypeError(
             f"grafting must be a metaopt.Grafting, got grafting={grafting!r}; for example "
@@ -301,7 +302,7 @@ def scale_by_shampoo(
             "b1": _common.value_at(b1, state.count),
             "b2": _common.value_at(b2, state.count),
             "damping": _common.value_at(damping, state.count),
-            "epsilon": _common.value_at(epsilon, state.count),
+            "eps_root": _common.value_at(eps_root, state.count),
         }
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in leaves] or [True]))
 
@@ -428,7 +429,7 @@ def scale_by_shampoo(
                         s.astype(dtype) / correction.astype(dtype),
                         p,
                         damping=hyper["damping"],
-                        epsilon=hyper["epsilon"],
+                        epsilon=hyper["eps_root"],
                         method=root_method,
                     )
                     accept = info.finite
@@ -466,6 +467,7 @@ def scale_by_shampoo(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+@_common.renamed_arguments({"epsilon": "eps_root"})
 def shampoo(
     learning_rate: ScalarOrSchedule,
     b1: ScalarOrSchedule = 0.9,
@@ -475,7 +477,7 @@ def shampoo(
     mask: Any | Callable[[optax.Params], Any] | None = None,
     nesterov: bool = False,
     damping: ScalarOrSchedule = 1e-6,
-    epsilon: ScalarOrSchedule = 1e-12,
+    eps_root: ScalarOrSchedule = 1e-12,
     exponent_override: int | Sequence[int] | None = None,
     blocking: Blocking | None = None,
     grafting: Grafting | None = None,
@@ -518,13 +520,13 @@ def shampoo(
 
     Args:
       learning_rate: step size :math:`\eta`, a float, traced array or schedule.
-      b1: first-moment rate.
+      b1: first-moment rate; 0 inside ``optax.contrib.schedule_free``, which replaces momentum.
       b2: statistics rate.
       weight_decay: decoupled weight decay :math:`\lambda`, multiplied by the learning rate.
       mask: which leaves get weight decay (a pytree of booleans or a function of params).
       nesterov: Nesterov form of the first moment.
       damping: damping relative to the statistics' largest eigenvalue.
-      epsilon: absolute damping.
+      eps_root: absolute damping :math:`\epsilon`, added inside the root.
       exponent_override: the root p (int, or a sequence by number of preconditioned axes).
       blocking: a :class:`Blocking`, or None for ``Blocking()``.
       grafting: a :class:`Grafting`, or None for ``Grafting("adam")``.
@@ -549,7 +551,7 @@ def shampoo(
             b2,
             nesterov=nesterov,
             damping=damping,
-            epsilon=epsilon,
+            eps_root=eps_root,
             exponent_override=exponent_override,
             blocking=blocking,
             grafting=grafting,

@@ -65,12 +65,13 @@ class ScaleBySOAPState(NamedTuple):
     skipped_steps: jax.Array
 
 
+@_common.renamed_arguments({}, keyword_only=("shampoo_b2", "eps"))
 def scale_by_soap(
     b1: ScalarOrSchedule = 0.95,
     b2: ScalarOrSchedule = 0.95,
+    *,
     shampoo_b2: ScalarOrSchedule | None = None,
     eps: float = 1e-8,
-    *,
     preconditioning_frequency: int = 10,
     blocking: Blocking | None = None,
 ) -> optax.GradientTransformation:
@@ -152,7 +153,6 @@ def scale_by_soap(
             _common.check_range(name, value, 0.0, 1.0, fix="EMA rates must be in [0, 1).")
     _common.check_nonnegative("eps", eps)
     check_whole("preconditioning_frequency", preconditioning_frequency)
-    _common.warn_if_cpu_may_deadlock("scale_by_soap")
     blocking = Blocking(precondition_vectors=False) if blocking is None else blocking
     if not isinstance(blocking, Blocking):
         raise TypeError(f"blocking must be a metaopt.Blocking, got blocking={blocking!r}.")
@@ -291,29 +291,33 @@ def scale_by_soap(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+@_common.renamed_arguments({}, keyword_only=("shampoo_b2", "eps"))
 def soap(
-    learning_rate: ScalarOrSchedule = 3e-3,
+    learning_rate: ScalarOrSchedule,
     b1: ScalarOrSchedule = 0.95,
     b2: ScalarOrSchedule = 0.95,
+    *,
     shampoo_b2: ScalarOrSchedule | None = None,
     eps: float = 1e-8,
-    *,
-    weight_decay: ScalarOrSchedule = 0.01,
+    weight_decay: ScalarOrSchedule = 0.0,
     mask: Any | Callable[[optax.Params], Any] | None = None,
     preconditioning_frequency: int = 10,
     blocking: Blocking | None = None,
 ) -> optax.GradientTransformation:
-    r"""SOAP with decoupled weight decay and a learning rate (the paper's defaults).
+    r"""SOAP with decoupled weight decay and a learning rate.
 
     .. math::  \theta_t = \theta_{t-1} - \eta_t\,(u_t + \lambda\,\theta_{t-1})
 
     with :math:`u_t` the output of :func:`scale_by_soap` and :math:`\lambda` = ``weight_decay``.
+    The betas, ``eps`` and the refresh frequency are the paper's defaults. The learning rate is
+    required and weight decay is off, as in metaopt's other aliases; the paper's language-model
+    runs used ``learning_rate=3e-3, weight_decay=0.01``.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, metaopt
       >>> a = jnp.array([[1.0, 0.9], [0.9, 1.0]])  # a correlated quadratic
       >>> loss = lambda w: 0.5 * jnp.sum(w * (a @ w))
-      >>> opt = metaopt.soap(0.05, weight_decay=0.0)
+      >>> opt = metaopt.soap(0.05)
       >>> w = jnp.ones((2, 2))
       >>> state = opt.init(w)
       >>> step = jax.jit(lambda w, state: opt.update(jax.grad(loss)(w), state, w))
@@ -329,13 +333,14 @@ def soap(
 
     Args:
       learning_rate: step size :math:`\eta`, a float, traced array or schedule.
-      b1: first-moment rate.
+      b1: first-moment rate; 0 inside ``optax.contrib.schedule_free``, which replaces momentum.
       b2: second-moment rate.
       shampoo_b2: statistics rate (None: ``b2``).
       eps: added to the square root of the second moment.
       preconditioning_frequency: steps between eigenbasis refreshes.
       blocking: a :class:`Blocking`, or None for ``Blocking(precondition_vectors=False)``.
-      weight_decay: decoupled weight decay :math:`\lambda`, multiplied by the learning rate.
+      weight_decay: decoupled weight decay :math:`\lambda`, multiplied by the learning rate
+        (default 0; 0.01 in metaopt 0.1 and in the paper).
       mask: which leaves get weight decay (a pytree of booleans or a function of params).
 
     Returns:
@@ -347,8 +352,8 @@ def soap(
         scale_by_soap(
             b1,
             b2,
-            shampoo_b2,
-            eps,
+            shampoo_b2=shampoo_b2,
+            eps=eps,
             preconditioning_frequency=preconditioning_frequency,
             blocking=blocking,
         ),

@@ -157,3 +157,51 @@ def test_traced_betas_and_alpha_are_accepted_without_recompiling():
     b = step(jnp.float64(3.0), jnp.float64(0.999))
     assert len(traces) == 1
     assert not np.allclose(a, b)
+
+
+def _loss_after_steps(optimizer, start, target, steps=20):
+    # Inner problem whose gradient is exactly zero at some coordinates: w[2] never enters the
+    # loss (its second moment stays 0 at every step) and, from w = 0, w[1]'s first gradient
+    # w[1] - w[0]**2 is 0 while depending on the start point.
+    def inner(w):
+        return 0.5 * (w[0] - target) ** 2 + 0.5 * (w[1] - w[0] ** 2) ** 2 + 0.0 * w[2]
+
+    def body(carry, _):
+        w, state = carry
+        updates, state = optimizer.update(jax.grad(inner)(w), state, w)
+        return (optax.apply_updates(w, updates), state), None
+
+    (w, _), _ = jax.lax.scan(body, (start, optimizer.init(start)), None, length=steps)
+    return jnp.sum((w - jnp.array([1.0, 0.5, 0.2])) ** 2)
+
+
+@pytest.mark.parametrize("make", [metaopt.ademamix, metaopt.simplified_ademamix])
+def test_meta_gradients_need_no_eps_root(make):
+    # The docs' claim: with the default eps_root=0, derivatives through AdEMAMix steps are
+    # finite where a second moment is exactly 0, and equal finite differences where the loss
+    # after the steps is smooth. optax.adam gives NaN on the same problem without eps_root.
+    def outer(hyper):  # hyper = (learning rate, inner target)
+        return _loss_after_steps(make(hyper[0]), jnp.zeros(3), hyper[1])
+
+    hyper = jnp.array([0.05, 0.7])
+    grad = jax.jit(jax.grad(outer))(hyper)
+    h = 1e-6
+    numeric = [(outer(hyper + h * e) - outer(hyper - h * e)) / (2 * h) for e in jnp.eye(2)]
+    np.testing.assert_allclose(grad, numeric, rtol=1e-6)
+    # jax.hessian is forward over reverse through the scanned steps (it was NaN while the
+    # square root's protection was a custom_jvp rule: lax.scan evaluated the rule's primal as
+    # a plain sqrt).
+    hessian = jax.jit(jax.hessian(outer))(hyper)
+    gradient = jax.jit(jax.grad(outer))
+    numeric = [(gradient(hyper + h * e) - gradient(hyper - h * e)) / (2 * h) for e in jnp.eye(2)]
+    np.testing.assert_allclose(hessian, np.stack(numeric, axis=1), rtol=1e-5)
+
+    # MAML-style: the gradient with respect to the start point differentiates the inner
+    # gradient itself, at w[1]'s zero first gradient.
+    def from_start(start, optimizer):
+        return _loss_after_steps(optimizer, start, 0.7)
+
+    start = jnp.zeros(3)
+    assert np.all(np.isfinite(jax.grad(from_start)(start, make(0.05))))
+    assert np.all(np.isnan(jax.grad(from_start)(start, optax.adam(0.05))[:2]))
+    assert np.all(np.isfinite(jax.grad(from_start)(start, optax.adam(0.05, eps_root=1e-12))))

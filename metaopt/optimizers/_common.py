@@ -215,24 +215,25 @@ def global_norm(tree: Any) -> jax.Array:
     return jnp.where(scale == jnp.inf, scale, safe_scale * safe_sqrt(squared))
 
 
-@jax.custom_jvp
 def safe_sqrt(x: jax.Array) -> jax.Array:
-    """``jnp.sqrt`` whose derivatives are finite at 0, for second moments.
+    """``jnp.sqrt`` whose derivatives of every order are finite at 0, for second moments.
 
     The second moment of an optimizer is zero only while every gradient seen so far was zero,
     and then its derivative is zero too; the true product ``0 * inf`` is taken as 0, where
-    ``jnp.sqrt`` gives NaN. This keeps Adam-type updates differentiable twice (meta-gradients
-    through an inner loop) without an ``eps_root``. Values are exactly ``jnp.sqrt``'s.
+    ``jnp.sqrt`` gives NaN. This keeps Adam-type updates differentiable (meta-gradients through
+    an inner loop, and their Hessians) without an ``eps_root``. Values are exactly
+    ``jnp.sqrt``'s.
+
+    Plain autodiff, not a ``custom_jvp``: the root is taken only of positive values, and the
+    other branch has no derivative. A ``custom_jvp`` rule lost its protection in second
+    derivatives through ``lax.scan`` (JAX evaluates the rule's own primal as a plain ``sqrt``
+    when it partially evaluates the loop body), which made ``jax.hessian`` of a meta-objective
+    NaN.
     """
-    return jnp.sqrt(x)
-
-
-@safe_sqrt.defjvp
-def _safe_sqrt_jvp(primals, tangents):
-    (x,), (x_dot,) = primals, tangents
-    y = safe_sqrt(x)
     positive = x > 0
-    return y, jnp.where(positive, 0.5 * x_dot / jnp.where(positive, y, 1.0), 0.0)
+    return jnp.where(
+        positive, jnp.sqrt(jnp.where(positive, x, 1.0)), jnp.sqrt(jax.lax.stop_gradient(x))
+    )
 
 
 def safe_divide(tree: Any, norm: jax.Array) -> Any:

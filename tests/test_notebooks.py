@@ -21,8 +21,8 @@ def test_committed_with_outputs(path):
     notebook = nbformat.read(path, as_version=4)
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]
     assert code and all(cell.execution_count is not None for cell in code), (
-        f"{path.name} is committed unexecuted; run it (jupyter nbconvert --to notebook --execute "
-        f"--inplace {path.relative_to(EXAMPLES.parent)}) and commit the outputs."
+        f"{path.name} is committed unexecuted; run it (jupyter execute --inplace "
+        f"{path.relative_to(EXAMPLES.parent)}) and commit the outputs."
     )
     images = [
         output

@@ -9,9 +9,7 @@ reader's browser, not at build time.
 """
 
 import os
-import pathlib
 import re
-import shutil
 import sys
 
 # Document the checkout this file lives in, even when another metaopt is installed.
@@ -41,14 +39,14 @@ root_doc = "index"
 exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "**/.ipynb_checkpoints"]
 
 # The notebooks in examples/ are committed executed (tests/test_notebooks.py checks it): the docs
-# show those outputs and never run them. Sphinx reads sources only below docs/, so each build
-# copies them to docs/examples/ (ignored by git).
+# show those outputs and never run them. Sphinx reads sources only below docs/, so each notebook
+# has a committed stub docs/examples/<name>.nblink naming it, and notebook_link.read returns the
+# notebook for it: the build writes nothing into the checkout (it works from a read-only one).
 nb_execution_mode = "off"
-_NOTEBOOKS = pathlib.Path(__file__).resolve().parent / "examples"
-shutil.rmtree(_NOTEBOOKS, ignore_errors=True)
-_NOTEBOOKS.mkdir()
-for _notebook in sorted((_NOTEBOOKS.parents[1] / "examples").glob("*.ipynb")):
-    shutil.copy2(_notebook, _NOTEBOOKS / _notebook.name)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import notebook_link  # noqa: E402
+
+nb_custom_formats = {notebook_link.SUFFIX: "notebook_link.read"}
 
 # MyST: $...$ and $$...$$ maths, and bare LaTeX environments (align, gather, ...).
 myst_enable_extensions = ["dollarmath", "amsmath"]
@@ -93,8 +91,15 @@ def _readable_aliases(app, what, name, obj, options, signature, return_annotatio
     return signature, return_annotation
 
 
+def _track_linked_notebook(app, docname, source):
+    """Rebuilds a notebook's page when the notebook changes, not only when its stub does."""
+    if str(app.env.doc2path(docname)).endswith(notebook_link.SUFFIX):
+        app.env.note_dependency(str(notebook_link.target(source[0])))
+
+
 def setup(app):
     app.connect("autodoc-process-signature", _readable_aliases)
+    app.connect("source-read", _track_linked_notebook)
 
 
 html_theme = "furo"

@@ -6,9 +6,11 @@ The pages' ``>>>`` examples are doctests of their own (``pytest docs``, through 
 
 import importlib
 import inspect
+import os
 import pathlib
 import pkgutil
 import re
+import shutil
 import subprocess
 import sys
 
@@ -63,14 +65,61 @@ def _obj(name):
     return getattr(importlib.import_module(module), attribute)
 
 
+def _files(root):
+    """Every file below ``root`` with its size and modification time."""
+    return {
+        str(path.relative_to(root)): (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in sorted(root.rglob("*"))
+    }
+
+
+def _set_writable(root, writable):
+    for path in [root, *root.rglob("*")]:
+        mode = path.stat().st_mode
+        path.chmod(mode | 0o200 if writable else mode & ~0o222)
+
+
 @pytest.fixture(scope="module")
-def built_site(tmp_path_factory):
-    """Builds the HTML site once, outside the repository, with warnings turned into errors."""
+def read_only_sources(tmp_path_factory):
+    """A read-only copy of what the build reads (docs/, examples/, metaopt/) and its files."""
+    root = tmp_path_factory.mktemp("checkout")
+    for name in ("docs", "examples", "metaopt"):
+        ignore = shutil.ignore_patterns("__pycache__", "_build", ".ipynb_checkpoints")
+        shutil.copytree(DOCS.parent / name, root / name, ignore=ignore)
+    return root, _files(root)
+
+
+@pytest.fixture(scope="module")
+def built_site(tmp_path_factory, read_only_sources):
+    """Builds the HTML site once, from a read-only checkout, with warnings turned into errors."""
+    root, _ = read_only_sources
     out = tmp_path_factory.mktemp("docs-html")
     command = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html"]
-    command += ["-d", str(out / ".doctrees"), str(DOCS), str(out / "html")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=180, check=False)
+    command += ["-d", str(out / ".doctrees"), str(root / "docs"), str(out / "html")]
+    # A read-only checkout gets no bytecode caches either.
+    environment = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    # The timeout only guards against a hang: the build needs about 15 s of CPU, but took
+    # over 3 minutes of wall time beside other jobs on a 2-core machine.
+    _set_writable(root, False)
+    try:
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=600, check=False, env=environment
+        )
+    finally:
+        _set_writable(root, True)  # so that pytest can delete its temporary directory
     return result, out / "html"
+
+
+def test_the_build_writes_nothing_into_the_checkout(built_site, read_only_sources):
+    # Permissions alone do not stop a build run as root, so compare the files as well.
+    root, before = read_only_sources
+    result, _ = built_site
+    assert result.returncode == 0, f"the build failed:\n{result.stderr}"
+    after = _files(root)
+    changed = sorted(
+        name for name in before.keys() | after.keys() if before.get(name) != after.get(name)
+    )
+    assert not changed, f"the docs build created or changed these files in the checkout: {changed}"
 
 
 def test_site_builds_with_warnings_as_errors(built_site):

@@ -192,3 +192,31 @@ def test_wheel_metadata_names_metaopt_jax_and_the_declared_dependencies(wheel):
     for extra, lines in project["optional-dependencies"].items():
         declared = [line for line in requires if f'extra == "{extra}"' in line]
         assert len(declared) == len(lines), extra
+
+
+def _module_level_imports(tree):
+    """Top-level module names imported when the module is imported (not inside functions)."""
+    pending = list(tree.body)
+    while pending:
+        node = pending.pop()
+        if isinstance(node, ast.Import):
+            yield from (alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            yield node.module.split(".")[0]
+        elif isinstance(node, ast.If | ast.Try | ast.With):
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                pending.extend(getattr(node, field, []))
+        elif isinstance(node, ast.ExceptHandler):
+            pending.extend(node.body)
+
+
+def test_the_package_imports_only_its_runtime_dependencies():
+    runtime = {re.match(r"[A-Za-z0-9_.-]+", line).group() for line in _pyproject()["dependencies"]}
+    allowed = runtime | {"jaxlib", "metaopt"} | set(sys.stdlib_module_names)
+    found = {}
+    for path in sorted((ROOT / "metaopt").rglob("*.py")):
+        for name in _module_level_imports(ast.parse(path.read_text())):
+            found.setdefault(name, path.relative_to(ROOT))
+    assert {"jax", "optax", "numpy"} <= set(found)
+    extra = {name: str(path) for name, path in found.items() if name not in allowed}
+    assert not extra, f"imported at import time but not a runtime dependency: {extra}"

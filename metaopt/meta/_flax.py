@@ -7,6 +7,8 @@ from typing import Any
 
 import jax
 
+from metaopt.optimizers._flax import nnx_module_check
+
 
 def nnx_loss(
     model: Any, loss: Callable[[Any, Any], jax.Array]
@@ -49,15 +51,12 @@ def nnx_loss(
     Returns:
       ``(params, loss_fn)``: the module's parameters and ``loss_fn(params, batch)``.
     """
-    try:
-        from flax import nnx
-    except ImportError as error:  # pragma: no cover - flax is an optional dependency
-        raise ImportError('meta.nnx_loss needs flax: pip install "metaopt-jax[flax]".') from error
-    if not isinstance(model, nnx.Module):
-        raise TypeError(
-            f"model must be a flax.nnx.Module, got {type(model).__name__}; for a linen module "
-            f"write loss_fn(params, batch) around module.apply({{'params': params}}, ...)."
-        )
+    nnx = nnx_module_check(
+        "meta.nnx_loss",
+        model,
+        "for a linen module write loss_fn(params, batch) around "
+        "module.apply({'params': params}, ...).",
+    )
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def loss_fn(params, batch):

@@ -64,15 +64,11 @@ def nnx_grad_fn(
       ``grad_fn(params)``: the gradient of ``loss`` at ``params`` (an ``nnx.State`` of the
       ``wrt`` variables, as arrays or as variables), shaped like ``params``.
     """
-    try:
-        from flax import nnx
-    except ImportError as error:  # pragma: no cover - flax is an optional dependency
-        raise ImportError('nnx_grad_fn needs flax: pip install "metaopt-jax[flax]".') from error
-    if not isinstance(model, nnx.Module):
-        raise TypeError(
-            f"model must be a flax.nnx.Module, got {type(model).__name__}; outside NNX, write "
-            f"grad_fn = lambda params: jax.grad(loss)(params, batch)."
-        )
+    nnx = nnx_module_check(
+        "nnx_grad_fn",
+        model,
+        "outside NNX, write grad_fn = lambda params: jax.grad(loss)(params, batch).",
+    )
     graphdef, _, rest = nnx.split(model, nnx.Param if wrt is None else wrt, ...)
     # split shares the module's Variables; a copy keeps today's values (RNG counters, batch
     # statistics) when the first gradient pass later writes new ones into the module.
@@ -85,3 +81,17 @@ def nnx_grad_fn(
         return value[0] if has_aux else value
 
     return jax.grad(loss_at)
+
+
+def nnx_module_check(caller: str, model: Any, otherwise: str) -> Any:
+    """Imports ``flax.nnx`` (an optional dependency) and checks that ``model`` is a module.
+
+    Returns the ``nnx`` module; ``otherwise`` tells the user what to write without NNX.
+    """
+    try:
+        from flax import nnx
+    except ImportError as error:  # pragma: no cover - flax is an optional dependency
+        raise ImportError(f'{caller} needs flax: pip install "metaopt-jax[flax]".') from error
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"model must be a flax.nnx.Module, got {type(model).__name__}; {otherwise}")
+    return nnx

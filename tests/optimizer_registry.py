@@ -283,6 +283,7 @@ NOT_TRANSFORMS = {
     "ademamix_b3_warmup",
     "eigenbasis",
     "matrix_inverse_pth_root",
+    "nnx_grad_fn",  # builds the grad_fn argument of the SAM family (tests/test_nnx_grad_fn.py)
     "prepare_cpu_environment",
     "refresh_eigenbasis",
 }

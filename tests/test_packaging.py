@@ -117,7 +117,7 @@ def test_every_install_hint_names_the_distribution():
     places = {entry.split(":")[0] for entry in ours}
     for expected in (
         "metaopt/tasks/_digits.py",
-        "metaopt/meta/_flax.py",
+        "metaopt/optimizers/_flax.py",
         "examples/demo.py",
         "docs/tasks.md",
     ):

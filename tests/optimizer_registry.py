@@ -12,9 +12,12 @@ import dataclasses
 import inspect
 from collections.abc import Callable
 
+import jax
+import jax.numpy as jnp
 import optax
 
 import metaopt
+import metaopt.learned
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,6 +264,56 @@ ENTRIES += [
         ),
         key="b2",
         key_value=0.99,
+        adaptive=True,
+    ),
+]
+
+
+def _adam_like_meta_params(lopt):
+    """Meta-parameters with which the learned optimizer's network computes a hand-designed
+    rule: direction = the tensor-normalized Adam direction m/sqrt(v) (the first momentum over
+    the RMS; ReLU units 0 and 1 carry +x and -x of that feature), and log-magnitude
+    a = 1 - 10 relu(-s), where s = clip(log(mean g^2 / mean v) / 2, -5, 5) / 5 is the
+    gradient-shrinkage tensor feature (unit 2). With lambda_2 = 0.5 the step shrinks like
+    rms(g) / sqrt(mean v) once the gradient falls below its running average, as Adam's does."""
+    import numpy as np
+
+    meta = jax.tree.map(np.zeros_like, jax.tree.map(np.asarray, lopt.init(jax.random.key(0))))
+    feature = 3 + len(lopt.momentum_decays)  # m_1 / sqrt(v) in the feature order
+    meta["input"]["w"][feature, 0], meta["input"]["w"][feature, 1] = 1.0, -1.0
+    for layer in meta["hidden"]:
+        layer["w"][0, 0], layer["w"][1, 1] = 1.0, 1.0
+    meta["tensor"]["w"][-1, 2] = -1.0  # unit 2 = relu(-s)
+    for layer in meta["hidden"]:
+        layer["w"][2, 2] = 1.0
+    meta["output"]["w"][0, 0], meta["output"]["w"][1, 0] = 1.0, -1.0
+    meta["output"]["w"][2, 1] = -10.0
+    meta["output"]["b"][1] = 1.0
+    return jax.tree.map(jnp.asarray, meta)
+
+
+_LEARNED = metaopt.learned.PerParameterMLP(hidden_size=4, hidden_layers=2)
+_LEARNED_META = _adam_like_meta_params(_LEARNED)
+
+ENTRIES += [
+    Entry(
+        # A learned optimizer with hand-set meta-parameters (the tensor-normalized Adam
+        # direction), so that the contract's convergence runs are meaningful; the pretrained
+        # optimizer has its own tests in tests/test_learned_*.py. The key hyperparameter is
+        # the log-magnitude multiplier lambda_2 (the network's log-magnitude output is 1).
+        name="learned_per_parameter_mlp",
+        nonfinite="skips",
+        huge_gradient="second_moment_overflows",
+        # Its steps have RMS lambda_1 per tensor until the gradient shrinks, larger than
+        # Adam's at the same rate on these deterministic problems: lambda_1 = lr / 5.
+        make=lambda lr, lam2: _LEARNED.transform(
+            _LEARNED_META, step_multiplier=0.2 * lr, magnitude_multiplier=lam2
+        ),
+        inject=lambda lr, lam2: optax.inject_hyperparams(_LEARNED.transform)(
+            meta_params=_LEARNED_META, step_multiplier=0.2 * lr, magnitude_multiplier=lam2
+        ),
+        key="magnitude_multiplier",
+        key_value=0.5,
         adaptive=True,
     ),
 ]

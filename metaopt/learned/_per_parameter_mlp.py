@@ -23,6 +23,9 @@ from metaopt.optimizers._tree_checks import STATE_FOR_OTHER_PARAMS, check_matchi
 
 # Added under every square root and normalizer: far below any float32 gradient scale that
 # matters, so the features stay scale-invariant, and large enough that 1/sqrt stays finite.
+# Every quotient is written as a division by a square root (never rsqrt, never a division by a
+# mean square): meta-gradients in float32 then hold at most 1/(y + eps) <= 1e30, where rsqrt's
+# derivative y^(-3/2) would overflow to inf and turn 0 * inf into NaN.
 _TINY = 1e-30
 _PARAMETERIZATIONS = ("standard", "mulo")
 DEFAULT_STEP_TIMESCALES = (1, 3, 10, 30, 100, 300, 1000, 3000, 10000, 30000, 100000)
@@ -393,7 +396,7 @@ def _step(description, meta_params, leaves, treedef, params, state, hyper, multi
 def _normalized(x: jax.Array) -> jax.Array:
     """A feature divided by its root mean square over the tensor (non-finite entries -> 0)."""
     x = jnp.where(jnp.isfinite(x), x, 0.0)
-    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x)) + _TINY)
+    return x / jnp.sqrt(jnp.mean(jnp.square(x)) + _TINY)
 
 
 def _leaf_step(description, meta_params, g, p, momenta, second, row, column, t, lam1, lam2, mult):
@@ -412,22 +415,20 @@ def _leaf_step(description, meta_params, g, p, momenta, second, row, column, t, 
     if g_c.ndim >= 2:
         row = b_f * row + (1.0 - b_f) * jnp.mean(squared, axis=-1)
         column = b_f * column + (1.0 - b_f) * jnp.mean(squared, axis=-2)
-        factored = (
-            row[..., :, None]
-            * column[..., None, :]
-            / (jnp.mean(row, axis=-1)[..., None, None] + _TINY)
-        )
+        # r / (mean r + eps), divided twice by the square root: the derivative of a division
+        # by y holds 1/y^2, which for y = mean r + eps ~ 1e-30 would overflow float32.
+        root_mean = jnp.sqrt(jnp.mean(row, axis=-1) + _TINY)[..., None]
+        factored = (row / root_mean / root_mean)[..., :, None] * column[..., None, :]
     else:
         row = b_f * row.reshape(g_c.shape) + (1.0 - b_f) * squared
         factored = row
-    inv_rms = jax.lax.rsqrt(second + _TINY)
-    inv_factored = jax.lax.rsqrt(factored + _TINY)
-    features = [p_c, g_c, *momenta, g_c * inv_rms, *(momenta * inv_rms)]
-    features += [g_c * inv_factored, *(momenta * inv_factored)]
+    rms, factored_rms = jnp.sqrt(second + _TINY), jnp.sqrt(factored + _TINY)
+    features = [p_c, g_c, *momenta, g_c / rms, *(momenta / rms)]
+    features += [g_c / factored_rms, *(momenta / factored_rms)]
     x = jnp.stack([_normalized(f) for f in features], axis=-1).reshape(-1, len(features))
 
     timescales = jnp.asarray(description.step_timescales, dtype)
-    shrinkage = 0.5 * jnp.log((jnp.mean(squared) + _TINY) / (jnp.mean(second) + _TINY))
+    shrinkage = 0.5 * (jnp.log(jnp.mean(squared) + _TINY) - jnp.log(jnp.mean(second) + _TINY))
     shrinkage = jnp.clip(shrinkage, -5.0, 5.0) / 5.0
     shrinkage = jnp.where(jnp.isfinite(shrinkage), shrinkage, 0.0)
     tensor_features = jnp.concatenate([jnp.tanh(t.astype(dtype) / timescales), shrinkage[None]])

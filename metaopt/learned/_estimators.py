@@ -127,7 +127,9 @@ class TruncatedBackprop:
     def __post_init__(self):
         tr.check_configuration(self.problem, self.truncation_length, self.objective)
 
-    def init(self, theta: Any, key: jax.Array, num_tasks: int, *, stagger: bool = True):
+    def init(
+        self, theta: Any, key: jax.Array, num_tasks: int, *, stagger: bool = True
+    ) -> UnrollState:
         del theta  # the state does not depend on it
         return _unroll_init(self, key, num_tasks, stagger)
 
@@ -222,7 +224,9 @@ class AntitheticES:
         tr.check_configuration(self.problem, self.truncation_length, self.objective)
         tr.check_std(self.std)
 
-    def init(self, theta: Any, key: jax.Array, num_tasks: int, *, stagger: bool = True):
+    def init(
+        self, theta: Any, key: jax.Array, num_tasks: int, *, stagger: bool = True
+    ) -> UnrollState:
         del theta
         return _unroll_init(self, key, num_tasks, stagger)
 
@@ -318,7 +322,7 @@ class PES:
         tr.check_configuration(self.problem, self.truncation_length, self.objective)
         tr.check_std(self.std)
 
-    def init(self, theta: Any, key: jax.Array, num_tasks: int, *, stagger: bool = True):
+    def init(self, theta: Any, key: jax.Array, num_tasks: int, *, stagger: bool = True) -> PESState:
         state = _unroll_init(self, key, num_tasks, stagger)
         xi = jax.tree.map(
             lambda t: jnp.zeros((num_tasks, *jnp.shape(t)), jnp.result_type(t)), theta

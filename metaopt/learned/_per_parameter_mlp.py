@@ -207,7 +207,8 @@ class PerParameterMLP:
         keys = jax.random.split(key, self.hidden_layers + 2)
 
         def normal(k, shape, fan_in):
-            return jax.random.normal(k, shape, jnp.float32) / np.sqrt(fan_in)
+            # A float32 factor: a NumPy float64 one would promote the weights under x64.
+            return jax.random.normal(k, shape, jnp.float32) * np.float32(fan_in**-0.5)
 
         first_fan_in = features + tensor_features
         return {

@@ -7,7 +7,7 @@ are loaded.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -68,18 +68,32 @@ def load_digits(seed: int = 0, test_fraction: float = 0.2) -> ClassificationData
       ImportError: if scikit-learn is not installed.
       ValueError: if ``test_fraction`` leaves the training or the test set empty.
     """
+    bunch = _sklearn_datasets("metaopt.tasks.load_digits").load_digits()
+    inputs = np.asarray(bunch.data, dtype=np.float64)
+    labels = np.asarray(bunch.target, dtype=np.int32)
+    return ClassificationData(*_split_and_standardize(inputs, labels, seed, test_fraction))
+
+
+def _sklearn_datasets(caller: str) -> Any:
+    """``sklearn.datasets``, or an ImportError that says how to install scikit-learn."""
     try:
         from sklearn import datasets
     except ImportError as error:
         raise ImportError(
-            "metaopt.tasks.load_digits needs scikit-learn, which is an optional dependency. "
+            f"{caller} needs scikit-learn, which is an optional dependency. "
             'Install it with: pip install "metaopt-jax[examples]"'
         ) from error
+    return datasets
 
-    bunch = datasets.load_digits()
-    inputs = np.asarray(bunch.data, dtype=np.float64)
-    labels = np.asarray(bunch.target, dtype=np.int32)
-    num_examples = len(labels)
+
+def _split_and_standardize(
+    inputs: np.ndarray, targets: np.ndarray, seed: int, test_fraction: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Shuffled train/test split, features standardized with the training statistics.
+
+    Returns float32 ``(x_train, targets_train, x_test, targets_test)``; targets keep their dtype.
+    """
+    num_examples = len(targets)
     num_test = round(test_fraction * num_examples)
     if not 0 < num_test < num_examples:
         raise ValueError(
@@ -96,9 +110,9 @@ def load_digits(seed: int = 0, test_fraction: float = 0.2) -> ClassificationData
     def standardize(x: np.ndarray) -> np.ndarray:
         return ((x - mean) / std).astype(np.float32)
 
-    return ClassificationData(
-        x_train=standardize(inputs[train_index]),
-        y_train=labels[train_index],
-        x_test=standardize(inputs[test_index]),
-        y_test=labels[test_index],
+    return (
+        standardize(inputs[train_index]),
+        targets[train_index],
+        standardize(inputs[test_index]),
+        targets[test_index],
     )

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metaopt.tasks._digits import _sklearn_datasets
 from metaopt.tasks._regression import Task, _check_count
 
 _ROTATIONS = (0, 90, 180, 270)
@@ -116,15 +117,7 @@ def digits_fewshot_pools(
             f"test_digits must leave at least one digit for meta-training, got "
             f"test_digits={tuple(test_digits)!r}. Hold out fewer digits, for example (7, 8, 9)."
         )
-    try:
-        from sklearn import datasets
-    except ImportError as error:
-        raise ImportError(
-            "metaopt.tasks.digits_fewshot_pools needs scikit-learn, which is an optional "
-            'dependency. Install it with: pip install "metaopt-jax[examples]"'
-        ) from error
-
-    bunch = datasets.load_digits()
+    bunch = _sklearn_datasets("metaopt.tasks.digits_fewshot_pools").load_digits()
     images = np.asarray(bunch.images, dtype=np.float64)  # (1797, 8, 8), values 0..16
     labels = np.asarray(bunch.target)
     # Rotations permute pixels, so these are also the statistics of the augmented training set.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -55,10 +55,14 @@ def init_mlp(key: jax.Array, sizes: Sequence[int], dtype: Any = jnp.float32) -> 
     ]
 
 
-def mlp_apply(params: MLPParams, x: jax.Array) -> jax.Array:
-    r"""Logits of the MLP: ReLU hidden layers, then a linear output layer.
+def mlp_apply(
+    params: MLPParams,
+    x: jax.Array,
+    activation: Callable[[jax.Array], jax.Array] = jax.nn.relu,
+) -> jax.Array:
+    r"""Logits of the MLP: hidden layers with ``activation`` (ReLU), then a linear output layer.
 
-    .. math::  h_0 = x, \quad h_{i} = \mathrm{relu}(h_{i-1} W_i + b_i), \quad
+    .. math::  h_0 = x, \quad h_{i} = \sigma(h_{i-1} W_i + b_i), \quad
                \mathrm{logits} = h_{L-1} W_L + b_L
 
     Example:
@@ -71,13 +75,14 @@ def mlp_apply(params: MLPParams, x: jax.Array) -> jax.Array:
     Args:
       params: parameters from :func:`init_mlp`.
       x: inputs of shape ``(batch, sizes[0])``.
+      activation: the elementwise nonlinearity :math:`\sigma` of the hidden layers.
 
     Returns:
       Logits of shape ``(batch, sizes[-1])``.
     """
     *hidden, last = params
     for layer in hidden:
-        x = jax.nn.relu(x @ layer["w"] + layer["b"])
+        x = activation(x @ layer["w"] + layer["b"])
     return x @ last["w"] + last["b"]
 
 

@@ -360,11 +360,13 @@ def _wrong_structures():
     fewer_hidden["hidden"] = []
     no_output_bias = copy.deepcopy(good)
     del no_output_bias["output"]["b"]
+    # The leaf's path, as jax.tree_util.keystr writes it (the message also prints the
+    # description, whose field names contain "hidden").
     return [
-        (no_tensor, "tensor"),
-        (wide_input, "input"),
-        (fewer_hidden, "hidden"),
-        (no_output_bias, "output"),
+        (no_tensor, r"\['tensor'\]\['w'\]"),
+        (wide_input, r"\['input'\]\['w'\]"),
+        (fewer_hidden, r"\['hidden'\]\[0\]"),
+        (no_output_bias, r"\['output'\]\['b'\]"),
     ]
 
 

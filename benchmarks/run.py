@@ -6,6 +6,7 @@ Usage, from the repository root::
     python -m benchmarks.run --suite=implicit
     python -m benchmarks.run --suite=shampoo         # Shampoo and SOAP against Adam
     python -m benchmarks.run --suite=meta            # MAML / iMAML against jaxopt, optimistix
+    python -m benchmarks.run --suite=learned         # learned optimizer against Adam, PES cost
     python -m benchmarks.run --suite=all            # every suite, one after the other
     python -m benchmarks.run --suite=optimizers --ademamix_params=1000000 --sam_width=128
     python -m benchmarks.run --distributed --shard   # on every host of a multi-host slice
@@ -25,13 +26,14 @@ from pathlib import Path
 import jax
 from absl import app, flags
 
-from benchmarks import harness, implicit, meta, optimizers, shampoo
+from benchmarks import harness, implicit, learned, meta, optimizers, shampoo
 
 SUITES: dict[str, Callable[[harness.Settings], str]] = {
     "optimizers": optimizers.run_suite,
     "implicit": implicit.run_suite,
     "shampoo": shampoo.run_suite,
     "meta": meta.run_suite,
+    "learned": learned.run_suite,
 }
 ALL = "all"
 

@@ -324,3 +324,73 @@ def test_tiny_meta_run_writes_its_own_section(tmp_path):
     assert text.count("MAML ÷ hand-written MAML = ") == 1
     assert "checkpoint=True ÷ unrolled MAML = " in text
     assert list(_table(text, "XLA temporaries")) == META_NAMES
+
+
+TINY_LEARNED = [
+    "--suite=learned",
+    "--learned_speed_models=mlp",
+    "--learned_mlp_inputs=8",
+    "--learned_mlp_width=16",
+    "--learned_mlp_depth=1",
+    "--learned_mlp_batch=4",
+    "--learned_networks=16x1,8x1",
+    "--learned_task_hidden=4",
+    "--learned_task_batch=4",
+    "--learned_num_tasks=8",
+    "--learned_truncation_length=2",
+    "--learned_horizon=4",
+    *SETTINGS,
+]
+LEARNED_STEPS = [
+    "gradient + SGD apply (no optimizer state)",
+    "optax.adam",
+    "learned 16x1 (default)",
+    "learned 8x1",
+]
+
+
+def test_tiny_learned_run_writes_its_own_section(tmp_path):
+    report = tmp_path / "benchmarks.md"
+    report.write_text(INTRO + OTHER_SECTION)
+    text = _run_harness(report, arguments=TINY_LEARNED)
+
+    assert text.startswith(INTRO + OTHER_SECTION)
+    assert text.count("<!-- BEGIN GENERATED: learned -->") == 1
+    assert text.rstrip().endswith("<!-- END GENERATED: learned -->")
+    assert "python -m benchmarks.run --suite=learned --learned_speed_models=mlp" in text
+
+    steps = _table(text, "step")
+    assert list(steps) == LEARNED_STEPS
+    for name, cells in steps.items():
+        _median(cells[0])
+        _number(cells[1])  # step time ÷ Adam's
+        _number(cells[6])  # compile time ÷ Adam's
+        if name != LEARNED_STEPS[0]:
+            _number(cells[4])  # the update alone ÷ Adam's
+    assert steps["optax.adam"][1] == "1.00 [1.00–1.00]"
+    assert steps["learned 16x1 (default)"][2].split(":")[1].strip() in (
+        "met",
+        "**missed**",
+        "**missed** (within noise)",
+    )
+    # Adam keeps two moments (8 bytes per float32 parameter and a step counter); the learned
+    # optimizer three momenta and a second moment (16) plus its factored statistics.
+    assert 8 < float(steps["optax.adam"][7]) < 9
+    assert float(steps["learned 8x1"][7]) > 16
+    assert "Where the update's time goes" in text
+
+    gradients = _table(text, "meta-gradient")
+    assert list(gradients) == ["`TruncatedBackprop`", "`AntitheticES`", "`PES`"]
+    for cells in gradients.values():
+        _median(cells[1])
+        _number(cells[2])  # ÷ truncated backprop
+    throughput = _table(text, "PES meta-training step")
+    assert list(throughput) == [
+        "1 device (this process)",
+        "child process: 1 device",
+        "child process: 8 devices, tasks sharded",
+    ]
+    for cells in throughput.values():
+        _median(cells[0])
+        assert float(cells[1].replace(",", "")) > 0  # task-steps per second
+    _number(throughput["child process: 8 devices, tasks sharded"][4])  # the speed-up

@@ -202,7 +202,8 @@ def _load_dataset(name: str) -> _Data:
         inputs = centers[cluster] + 0.75 * rng.normal(size=(size, dim))
         targets = (cluster % num_classes).astype(np.int32)
     elif name == "teacher":
-        # A random tanh network of width 64 on 16 Gaussian inputs, plus 10% label noise.
+        # A random tanh network of width 64 on 16 Gaussian inputs, plus noise of a tenth of its
+        # standard deviation.
         dim, width, size = 16, 64, 1500
         inputs = rng.normal(size=(size, dim))
         hidden = np.tanh(inputs @ rng.normal(size=(dim, width)) / math.sqrt(dim))
@@ -262,7 +263,7 @@ def mlp_task(
       each a mixture of 3 Gaussian clusters, 1500 examples);
     - regression, with the target standardized: scikit-learn's ``"diabetes"`` (10 features)
       and synthetic ``"teacher"`` (a random tanh network of width 64 on 16 Gaussian features,
-      with 10% noise, 1500 examples).
+      plus noise of a tenth of its standard deviation, 1500 examples).
 
     The regression loss is the mean of :math:`(\hat y - y)^2`, so a constant prediction of
     zero scores about 1 on the training set.
@@ -347,7 +348,8 @@ def _mlp_task(dataset, hidden_sizes, activation, batch_size, init_scale, paramet
         return loss_of(params, *batch)
 
     def sample_batch(key: jax.Array) -> tuple[jax.Array, jax.Array]:
-        index = jax.random.randint(key, (batch_size,), 0, x_train.shape[0])
+        # int32 indices, so that the batches are the same with and without jax_enable_x64.
+        index = jax.random.randint(key, (batch_size,), 0, x_train.shape[0], jnp.int32)
         return x_train[index], y_train[index]
 
     def evaluate(params: MLPParams) -> dict[str, jax.Array]:

@@ -47,18 +47,24 @@ def _markov_chain_sequences(rng: np.random.Generator) -> tuple[np.ndarray, np.nd
     successors = np.stack(
         [rng.choice(VOCAB_SIZE, _SUCCESSORS, replace=False) for _ in range(contexts)]
     )
-    transition = np.zeros((contexts, VOCAB_SIZE))
-    np.put_along_axis(transition, successors, rng.dirichlet(np.ones(_SUCCESSORS), contexts), 1)
+    probabilities = rng.dirichlet(np.ones(_SUCCESSORS), contexts)
+    # Inverse-CDF sampling over each context's successors in increasing token order; the last
+    # successor takes any rounding slack of the cumulative sum, so no zero-probability token
+    # is ever drawn.
+    order = np.argsort(successors, axis=1)
+    successors = np.take_along_axis(successors, order, 1)
+    probabilities = np.take_along_axis(probabilities, order, 1)
+    cumulative = probabilities.cumsum(1)[:, :-1]
 
     def sequences(count: int) -> tuple[np.ndarray, np.ndarray]:
         tokens = np.zeros((count, SEQUENCE_LENGTH + 1), np.int32)
         tokens[:, :2] = rng.integers(VOCAB_SIZE, size=(count, 2))
         loss = np.full((count, SEQUENCE_LENGTH), math.log(VOCAB_SIZE))
         for t in range(2, SEQUENCE_LENGTH + 1):
-            probabilities = transition[tokens[:, t - 2] * VOCAB_SIZE + tokens[:, t - 1]]
-            uniform = rng.random((count, 1))
-            tokens[:, t] = np.minimum((uniform > probabilities.cumsum(1)).sum(1), VOCAB_SIZE - 1)
-            loss[:, t - 1] = -np.log(probabilities[np.arange(count), tokens[:, t]])
+            context = tokens[:, t - 2] * VOCAB_SIZE + tokens[:, t - 1]
+            choice = (rng.random((count, 1)) > cumulative[context]).sum(1)
+            tokens[:, t] = successors[context, choice]
+            loss[:, t - 1] = -np.log(probabilities[context, choice])
         return tokens, loss.mean()
 
     train, _ = sequences(_NUM_TRAIN)
@@ -109,7 +115,7 @@ def transformer_task(
 ) -> TrainingTask:
     r"""A decoder-only transformer that predicts the next token of a Markov chain.
 
-    **Data.** Sequences of 17 tokens from a vocabulary of 16 (:data:`VOCAB_SIZE`), drawn from a
+    **Data.** Sequences of 17 tokens from a vocabulary of 16, drawn from a
     fixed sparse second-order Markov chain: each pair of tokens is followed by one of 3 tokens,
     with fixed random probabilities. The first two tokens are uniform. The training set holds
     2048 sequences and the test set 512, both made from a fixed seed. The model reads the first
@@ -237,7 +243,8 @@ def _transformer_task(width, heads, layers, batch_size, init_scale, parameteriza
         return losses.mean()
 
     def sample_batch(key: jax.Array) -> tuple[jax.Array, jax.Array]:
-        sequences = train[jax.random.randint(key, (batch_size,), 0, train.shape[0])]
+        index = jax.random.randint(key, (batch_size,), 0, train.shape[0], jnp.int32)
+        sequences = train[index]
         return sequences[:, :-1], sequences[:, 1:]
 
     def evaluate(params: dict) -> dict[str, jax.Array]:

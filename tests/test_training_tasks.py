@@ -65,6 +65,8 @@ def test_the_same_configuration_gives_the_same_task_and_keys_fix_every_number():
     first, again = task.init(jax.random.key(0)), task.init(jax.random.key(0))
     for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(again), strict=True):
         np.testing.assert_array_equal(a, b)
+    init = jax.jit(lambda task, key: task.init(key), static_argnums=0)  # a valid static argument
+    np.testing.assert_array_equal(init(task, jax.random.key(0))[1]["w"], first[1]["w"])
     other = task.init(jax.random.key(1))
     assert not np.array_equal(first[0]["w"], other[0]["w"])
     np.testing.assert_array_equal(

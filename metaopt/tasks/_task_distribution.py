@@ -59,7 +59,10 @@ def _check_options(name: str, values: Any, check: Callable[[str, Any], Any], exa
             f"{name} must be a non-empty sequence, got {name}={values!r}. "
             f"Use for example {name}={example}."
         )
-    return tuple(check(name, value) for value in values)
+    try:
+        return tuple(check(name, value) for value in values)
+    except ValueError as error:
+        raise ValueError(f"{name}={tuple(values)!r} has an invalid entry: {error}") from error
 
 
 def sample_training_task(

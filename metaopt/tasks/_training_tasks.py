@@ -313,7 +313,14 @@ def mlp_task(
             f"hidden_sizes must list at least one width, got hidden_sizes={hidden_sizes!r}. "
             "Use for example hidden_sizes=(32,)."
         )
-    hidden_sizes = tuple(_check_count("hidden_sizes", width) for width in hidden_sizes)
+    if any(
+        isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < 1 for w in hidden_sizes
+    ):
+        raise ValueError(
+            f"hidden_sizes must be positive integers, got hidden_sizes={tuple(hidden_sizes)!r}. "
+            "Use for example hidden_sizes=(32, 32)."
+        )
+    hidden_sizes = tuple(int(width) for width in hidden_sizes)
     batch_size = _check_count("batch_size", batch_size)
     init_scale = _check_scale("init_scale", init_scale)
     return _mlp_task(dataset, hidden_sizes, activation, batch_size, init_scale, parameterization)

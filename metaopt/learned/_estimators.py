@@ -40,6 +40,24 @@ from metaopt.learned._truncation import EstimatorInfo, InnerProblem, UnrollState
 class PESState(NamedTuple):
     """Carried state of :class:`PES`; every leaf has a leading task axis.
 
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from metaopt import learned
+      >>> def step(theta, x, key):
+      ...     x = x - jnp.exp(theta["log_lr"]) * x
+      ...     return x, 0.5 * x**2
+      >>> problem = learned.InnerProblem(lambda key: jnp.array(1.0), step, horizon=20)
+      >>> estimator = learned.PES(problem, 5, std=0.01, objective="mean")
+      >>> theta = {"log_lr": jnp.log(0.1)}
+      >>> state = estimator.init(theta, jax.random.key(0), num_tasks=3, stagger=False)
+      >>> state.perturbation_sum["log_lr"].tolist()  # theta's structure, one entry per task
+      [0.0, 0.0, 0.0]
+      >>> _, state, _ = estimator.gradient(theta, state, jax.random.key(1))
+      >>> state.step.tolist(), bool(jnp.all(state.perturbation_sum["log_lr"] != 0))
+      ([5, 5, 5], True)
+      >>> bool(jnp.all(state.positive != state.negative))  # the particles have diverged
+      True
+
     Attributes:
       positive: inner states of the particles run with :math:`\\theta + \\epsilon`.
       negative: inner states of their antithetic partners, run with :math:`\\theta - \\epsilon`.

@@ -34,6 +34,22 @@ DEFAULT_STEP_TIMESCALES = (1, 3, 10, 30, 100, 300, 1000, 3000, 10000, 30000, 100
 class PerParameterMLPState(NamedTuple):
     """State of :meth:`PerParameterMLP.transform`.
 
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from metaopt import learned
+      >>> lopt = learned.PerParameterMLP(hidden_size=4)  # three momenta by default
+      >>> tx = lopt.transform(lopt.init(jax.random.key(0)))
+      >>> params = {"w": jnp.ones((5, 3)), "b": jnp.zeros(3)}
+      >>> state = tx.init(params)
+      >>> state.momenta["w"].shape, state.row_moment["w"].shape, state.column_moment["w"].shape
+      ((3, 5, 3), (5,), (3,))
+      >>> state.column_moment["b"].shape  # a vector's second moment is not factored
+      ()
+      >>> grads = {"w": jnp.full((5, 3), jnp.nan), "b": jnp.zeros(3)}
+      >>> updates, state = tx.update(grads, state, params)  # a NaN skips the step
+      >>> int(state.count), int(state.skipped_steps), float(jnp.abs(updates["w"]).max())
+      (0, 1, 0.0)
+
     Attributes:
       count: steps taken (int32); a skipped step (non-finite gradient) does not count.
       momenta: per parameter, an array of shape ``(K, *param.shape)``: the exponential moving
@@ -261,7 +277,8 @@ class PerParameterMLP:
         except ``skipped_steps``.
 
         Args:
-          meta_params: the pytree from :meth:`init` (or meta-training, or :func:`pretrained`).
+          meta_params: the pytree from :meth:`init`, from meta-training or from a saved file
+            (:func:`load_meta_params`).
           step_multiplier: :math:`\lambda_1`; None uses the description's. A float, a traced
             scalar or a schedule of the step count.
           magnitude_multiplier: :math:`\lambda_2`; None uses the description's.

@@ -19,6 +19,15 @@ from metaopt.learned._truncation import InnerProblem
 class TrainingState(NamedTuple):
     """Inner state of :func:`training_problem`: the task's parameters and the optimizer state.
 
+    Example:
+      >>> import jax
+      >>> from metaopt import learned, tasks
+      >>> lopt = learned.PerParameterMLP(hidden_size=4)
+      >>> problem = learned.training_problem(lopt, tasks.mlp_task("blobs", (8,)), horizon=50)
+      >>> state = problem.init(jax.random.key(0))
+      >>> [layer["w"].shape for layer in state.params], int(state.opt_state.count)
+      ([(16, 8), (8, 4)], 0)
+
     Attributes:
       params: the task's parameters.
       opt_state: the learned optimizer's state (:class:`PerParameterMLPState`).
@@ -134,6 +143,19 @@ def save_meta_params(
 
 def load_meta_params(path: str | os.PathLike) -> tuple[PerParameterMLP, Any, dict]:
     """Reads a file written by :func:`save_meta_params`.
+
+    Example:
+      >>> import jax, os, tempfile
+      >>> from metaopt import learned
+      >>> lopt = learned.PerParameterMLP(hidden_size=4, parameterization="mulo")
+      >>> theta = lopt.init(jax.random.key(0))
+      >>> path = os.path.join(tempfile.mkdtemp(), "lopt.npz")
+      >>> learned.save_meta_params(path, lopt, theta, final_meta_loss=-1.5)
+      >>> lopt2, theta2, metadata = learned.load_meta_params(path)
+      >>> lopt2.parameterization, metadata
+      ('mulo', {'final_meta_loss': -1.5})
+      >>> all(bool((a == b).all()) for a, b in zip(jax.tree.leaves(theta), jax.tree.leaves(theta2)))
+      True
 
     Args:
       path: the ``.npz`` file.

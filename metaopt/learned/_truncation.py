@@ -68,6 +68,22 @@ class InnerProblem:
 class EstimatorInfo(NamedTuple):
     """What one meta-gradient estimate saw; scalars.
 
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from metaopt import learned
+      >>> def step(log_lr, x, key):  # gradient descent on 0.5 * x^2
+      ...     x = x - jnp.exp(log_lr) * x
+      ...     return x, 0.5 * x**2
+      >>> problem = learned.InnerProblem(lambda key: jnp.array(1.0), step, horizon=20)
+      >>> estimator = learned.TruncatedBackprop(problem, 5)  # objective="log"
+      >>> theta = jnp.array(0.0)  # step size 1: the loss is 0 after one step, its log -inf
+      >>> state = estimator.init(theta, jax.random.key(0), num_tasks=4)
+      >>> grad, state, info = estimator.gradient(theta, state, jax.random.key(1))
+      >>> float(info.meta_loss), int(info.num_nonfinite), int(info.num_restarted), float(grad)
+      (nan, 4, 4, 0.0)
+      >>> state.step.tolist()  # every task starts afresh
+      [0, 0, 0, 0]
+
     Attributes:
       meta_loss: the mean window meta-loss over the tasks whose window stayed finite (for
         :class:`~metaopt.learned.PES`, the mean of its two particles'); NaN if none did.
@@ -85,6 +101,18 @@ class EstimatorInfo(NamedTuple):
 class UnrollState(NamedTuple):
     """Carried state of :class:`~metaopt.learned.TruncatedBackprop` and
     :class:`~metaopt.learned.AntitheticES`; every leaf has a leading task axis.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from metaopt import learned
+      >>> step = lambda log_lr, x, key: (x - jnp.exp(log_lr) * x, 0.5 * x**2)
+      >>> problem = learned.InnerProblem(lambda key: jnp.array(1.0), step, horizon=20)
+      >>> estimator = learned.TruncatedBackprop(problem, 5)
+      >>> state = estimator.init(jnp.log(0.1), jax.random.key(0), num_tasks=3)
+      >>> state.inner.shape, state.step.dtype
+      ((3,), dtype('int32'))
+      >>> bool(jnp.all(state.step % 5 == 0))  # staggered on window boundaries
+      True
 
     Attributes:
       inner: the tasks' inner states (the problem's state with a leading task axis).

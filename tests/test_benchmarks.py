@@ -377,6 +377,8 @@ def test_tiny_learned_run_writes_its_own_section(tmp_path):
     # optimizer three momenta and a second moment (16) plus its factored statistics.
     assert 8 < float(steps["optax.adam"][7]) < 9
     assert float(steps["learned 8x1"][7]) > 16
+    for name in LEARNED_STEPS[1:]:
+        assert float(steps[name][10]) > 0  # bytes accessed per parameter by the update
     assert "Where the update's time goes" in text
 
     gradients = _table(text, "meta-gradient")

@@ -205,7 +205,7 @@ class PerParameterMLP:
 
     @property
     def num_tensor_features(self) -> int:
-        """Per-tensor features: the step embeddings and the gradient-shrinkage ratio."""
+        """The number of per-tensor features (the step embeddings and the gradient shrinkage)."""
         return len(self.step_timescales) + 1
 
     def init(self, key: jax.Array) -> dict:

@@ -15,6 +15,12 @@ from metaopt.learned._estimators import (
 )
 from metaopt.learned._mulo import mulo_update_multipliers
 from metaopt.learned._per_parameter_mlp import PerParameterMLP, PerParameterMLPState
+from metaopt.learned._pretrained import (
+    PRETRAINED,
+    load_pretrained,
+    pretrained,
+    pretrained_metadata,
+)
 from metaopt.learned._training import (
     TrainingState,
     load_meta_params,
@@ -25,6 +31,7 @@ from metaopt.learned._truncation import EstimatorInfo, InnerProblem, UnrollState
 
 __all__ = [
     "PES",
+    "PRETRAINED",
     "AntitheticES",
     "EstimatorInfo",
     "InnerProblem",
@@ -35,8 +42,11 @@ __all__ = [
     "TruncatedBackprop",
     "UnrollState",
     "load_meta_params",
+    "load_pretrained",
     "meta_train_step",
     "mulo_update_multipliers",
+    "pretrained",
+    "pretrained_metadata",
     "save_meta_params",
     "training_problem",
 ]

@@ -20,6 +20,7 @@ import zipfile
 import pytest
 
 import metaopt
+import metaopt.learned
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DISTRIBUTION = "metaopt-jax"
@@ -166,6 +167,12 @@ def test_wheel_ships_license_type_marker_and_only_the_package(wheel):
     assert b"Apache License" in (ROOT / "LICENSE").read_bytes()[:200]
     assert "metaopt/py.typed" in names
     assert "metaopt/__init__.py" in names
+    # The pretrained learned optimizers load from package data (metaopt.learned.pretrained).
+    for name in metaopt.learned.PRETRAINED:
+        path = f"metaopt/learned/pretrained/{name}.npz"
+        assert path in names
+        assert wheel.read(path) == (ROOT / path).read_bytes()
+    assert "metaopt/learned/pretrained/README.md" in names
     assert {name.split("/")[0] for name in names} == {"metaopt", dist_info}
 
 

@@ -12,6 +12,10 @@ r"""metaopt's main demo: the library's capabilities, one section each, on small 
    (``metaopt.meta.maml_loss``), then adapts it to held-out tasks from 10 points with one
    gradient step, against the same network trained on all tasks pooled. The full experiment is
    ``examples/maml_sinusoid.ipynb``.
+4. A learned optimizer: the pretrained ``metaopt.learned.pretrained()``, with no hyperparameter
+   set, beside AdamW at the demo's learning rate, on an MLP for scikit-learn's breast-cancer data,
+   a data set its meta-training never saw. The meta-training and the full held-out comparison
+   are ``examples/learned_optimizer.ipynb`` and ``docs/learned-optimizers.md``.
 
 Run it from the repository root (it needs the ``examples`` extra: ``pip install
 "metaopt-jax[examples]"``)::
@@ -30,6 +34,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 # A sibling script: examples/ is on the path when demo.py runs. It defines no flags on import.
+import evaluate_learned_optimizer
 import hyperparameter_tuning
 import jax
 import jax.numpy as jnp
@@ -40,13 +45,14 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 import metaopt
-from metaopt import meta
+from metaopt import learned, meta
 from metaopt.tasks import (
     ClassificationData,
     accuracy,
     cross_entropy_loss,
     init_mlp,
     load_digits,
+    mlp_task,
     sinusoid_tasks,
 )
 
@@ -74,6 +80,9 @@ _META_STEPS = flags.DEFINE_integer(
 )
 _TUNING_STEPS = flags.DEFINE_integer(
     "tuning_steps", 150, "Hypergradient steps of the hyperparameter-tuning section.", lower_bound=1
+)
+_LEARNED_STEPS = flags.DEFINE_integer(
+    "learned_steps", 200, "Training steps of the learned-optimizer section.", lower_bound=1
 )
 
 
@@ -318,12 +327,36 @@ def meta_learning() -> None:
     )
 
 
-# The demo is a list of sections, each a titled function that prints its own results. Later
-# capabilities of metaopt (learned optimizers) add a section here.
+def learned_optimizer() -> None:
+    """The pretrained learned optimizer beside AdamW on a data set meta-training never saw."""
+    task = mlp_task("breast_cancer", (32, 32), batch_size=64)
+    steps = _LEARNED_STEPS.value
+    contenders = {
+        f"AdamW (lr {_LEARNING_RATE.value:g})": optax.adamw(
+            _LEARNING_RATE.value, weight_decay=_WEIGHT_DECAY.value
+        ),
+        "learned (pretrained)": learned.pretrained(),
+    }
+    print(f"{task.name}: {steps} steps from the same initialization and minibatches")
+    header = f"{'optimizer':<22} {'train loss':>10} {'test acc':>9}"
+    print(header)
+    print("-" * len(header))
+    for name, optimizer in contenders.items():
+        *_, final = evaluate_learned_optimizer.train_curve(task, optimizer, steps, _SEED.value)
+        print(f"{name:<22} {final['train_loss']:>10.3e} {final['test_accuracy']:>9.2%}")
+    made = learned.pretrained_metadata()
+    print(
+        f"(the learned optimizer sets no hyperparameter; it was meta-trained for "
+        f"{made['meta_steps']} PES steps in {made['meta_training_wall_time_s']:.0f} s of CPU)"
+    )
+
+
+# The demo is a list of sections, each a titled function that prints its own results.
 SECTIONS: list[tuple[str, Callable[[], None]]] = [
     ("Optimizers side by side", optimizers_side_by_side),
     ("Hyperparameters by hypergradient", hyperparameters_by_hypergradient),
     ("Meta-learning", meta_learning),
+    ("A learned optimizer", learned_optimizer),
 ]
 
 

@@ -14,7 +14,7 @@ def _run_example(script: str, plot_path: Path, *flags: str) -> str:
     command = [sys.executable, str(REPO_ROOT / "examples" / script), *flags]
     command.append(f"--plot_path={plot_path}")
     result = subprocess.run(
-        command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False
+        command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False
     )
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     assert plot_path.stat().st_size > 1000
@@ -55,6 +55,13 @@ def test_demo_runs_and_reports_every_optimizer(tmp_path):
     match = re.search(r"MAML ([\d.]+), network trained on all tasks ([\d.]+)", stdout)
     assert match, f"no meta-learning line in:\n{stdout}"
     assert all(0.0 < float(value) < 1e3 for value in match.groups())
+
+    # The learned-optimizer section trains the unseen breast-cancer task with both optimizers.
+    for name in (r"AdamW \(lr [\d.e-]+\)", r"learned \(pretrained\)"):
+        match = re.search(rf"^{name}\s+(\S+)\s+([\d.]+)%$", stdout, flags=re.MULTILINE)
+        assert match, f"no learned-optimizer row for {name} in:\n{stdout}"
+        assert 0.0 < float(match.group(1)) < 0.69  # below log 2, a uniform guess
+        assert 50.0 <= float(match.group(2)) <= 100.0
 
 
 def test_hyperparameter_tuning_lowers_the_validation_loss(tmp_path):

@@ -69,8 +69,9 @@ def mulo_update_multipliers(
 
     def multiplier(path, leaf):
         shape = np.shape(leaf)
-        if len(shape) < 2 or is_input(jax.tree_util.keystr(path)):
-            return 1.0
-        return 1.0 / float(np.prod(shape[:-1]))
+        fan_in = int(np.prod(shape[:-1])) if len(shape) >= 2 else 0
+        if fan_in == 0 or is_input(jax.tree_util.keystr(path)):
+            return 1.0  # vectors, scalars, input layers, and empty tensors (nothing to scale)
+        return 1.0 / fan_in
 
     return jax.tree_util.tree_map_with_path(multiplier, params)

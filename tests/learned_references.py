@@ -5,6 +5,13 @@ VeLO style per-parameter network with muLO update multipliers, Therien et al. 20
 JAX code, so the two can be compared: plain Python loops over leaves, over the entries of each
 tensor and over the factored rows and columns, NumPy only (no jax / optax / metaopt).
 
+Specification v2: the moments are bias corrected (n = steps taken including this one); p is
+scaled by 1 / sqrt(mean(p^2) + eps), g and the momenta by 1 / sqrt(sigma2 + eps) with sigma2
+the tensor's bias-corrected mean of the factored (or unfactored) second moment, and the ratio
+features by the entrywise inverse roots of the corrected RMS and factored moments; there is no
+per-feature normalization, and the per-tensor shrinkage feature compares mean(g^2) with sigma2.
+Non-finite inverse roots and features are replaced by 0.
+
 Trees are nested dicts (visited in sorted key order), lists and tuples of NumPy arrays. The
 configuration is any object with the description's attributes (the dataclass itself, or a
 ``types.SimpleNamespace``) or a dict with those keys.
@@ -114,9 +121,44 @@ def _mean_square(x):
     return total / flat.size
 
 
-def _normalized(x):
-    """x / sqrt(mean(x^2) + eps) over the whole tensor."""
-    return x / math.sqrt(_mean_square(x) + EPS)
+def _mean(x):
+    """mean(x) over every entry, by an explicit sum."""
+    flat = np.ravel(x)
+    total = 0.0
+    for value in flat:
+        total += float(value)
+    return total / flat.size
+
+
+def _finite_or_zero(value):
+    """A float, replaced by 0 if it is not finite."""
+    return value if math.isfinite(value) else 0.0
+
+
+def _inverse_root(y):
+    """1 / sqrt(y + eps) for a float, 0 where that is not finite."""
+    with np.errstate(all="ignore"):
+        value = float(np.float64(1.0) / np.sqrt(np.float64(y) + EPS))
+    return _finite_or_zero(value)
+
+
+def _entrywise_inverse_root(y):
+    """1 / sqrt(y + eps) entry by entry, 0 where that is not finite."""
+    out = np.zeros(np.shape(y))
+    for index in np.ndindex(*np.shape(y)):
+        out[index] = _inverse_root(y[index])
+    return out
+
+
+def _scaled(x, scale):
+    """x * scale (a scalar or an array like x), entry by entry, 0 where not finite."""
+    x = np.asarray(x, np.float64)
+    scale = np.broadcast_to(np.asarray(scale, np.float64), x.shape)
+    out = np.zeros(x.shape)
+    with np.errstate(all="ignore"):
+        for index in np.ndindex(*x.shape):
+            out[index] = _finite_or_zero(float(x[index] * scale[index]))
+    return out
 
 
 def _factored_second_moment(r, c):
@@ -254,19 +296,32 @@ def update(
             leaf["r"] = factored_decay * leaf["r"] + (1.0 - factored_decay) * g2
             f = leaf["r"]
 
-        # Per-parameter features, each normalized over the tensor; a scalar is a 1-vector.
-        momenta = leaf["m"]
-        rms = np.sqrt(leaf["v"] + EPS)
-        factored = np.sqrt(f + EPS)
-        raw = [p, g, *momenta, g / rms, *[m / rms for m in momenta]]
-        raw += [g / factored, *[m / factored for m in momenta]]
-        columns = [np.ravel(_normalized(x)) for x in raw]
+        # Bias corrections (n = steps taken including this one) and inverse roots: per-tensor
+        # scalars for p and for g and the momenta, entrywise for the two ratio features.
+        n = count + 1
+        momenta = [m / (1.0 - b**n) for m, b in zip(leaf["m"], momentum_decays, strict=True)]
+        v_hat = leaf["v"] / (1.0 - rms_decay**n)
+        f_hat = f / (1.0 - factored_decay**n)
+        factored_source = leaf["c"] if len(shape) >= 2 else leaf["r"]
+        sigma2 = _mean(factored_source) / (1.0 - factored_decay**n)
+        i_sigma = _inverse_root(sigma2)
+        i_p = _inverse_root(_mean_square(p))
+        i_v = _entrywise_inverse_root(v_hat)
+        i_f = _entrywise_inverse_root(f_hat)
+
+        # Per-parameter features, no further normalization; a scalar is a 1-vector.
+        raw = [_scaled(p, i_p), _scaled(g, i_sigma), *[_scaled(m, i_sigma) for m in momenta]]
+        raw += [_scaled(g, i_v), *[_scaled(m, i_v) for m in momenta]]
+        raw += [_scaled(g, i_f), *[_scaled(m, i_f) for m in momenta]]
+        columns = [np.ravel(x) for x in raw]
         features = np.stack(columns, axis=1)  # [entries, F]
 
-        # Per-tensor features: step embeddings, then the gradient's size against the RMS.
+        # Per-tensor features: step embeddings, then the gradient's size against sigma2.
         tensor_features = [math.tanh(count / tau) for tau in timescales]
-        log_ratio = 0.5 * math.log((_mean_square(g) + EPS) / (float(np.mean(leaf["v"])) + EPS))
-        tensor_features.append(min(max(log_ratio, -5.0), 5.0) / 5.0)
+        with np.errstate(all="ignore"):
+            log_ratio = float(0.5 * np.log((_mean_square(g) + EPS) / (sigma2 + EPS)))
+        shrinkage = float(np.clip(log_ratio, -5.0, 5.0)) / 5.0
+        tensor_features.append(shrinkage if math.isfinite(shrinkage) else 0.0)
 
         directions, log_magnitudes = _network(meta_params, features, tensor_features)
         step = np.zeros(directions.shape)

@@ -9,6 +9,7 @@ a few dot products of length <= 13).
 """
 
 import copy
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 
-from metaopt.learned import PerParameterMLP
+from metaopt.learned import PerParameterMLP, _per_parameter_mlp
 from tests import learned_references as ref
 
 # Short decays so that every momentum differs from the gradient within the 10 compared steps.
@@ -29,7 +30,7 @@ DESCRIPTION = PerParameterMLP(
     step_timescales=(1, 3, 10, 100),
 )
 SHAPES = {"matrix": (5, 3), "tensor": (2, 3, 4), "vector": (3,), "scalar": (), "empty": (3, 0)}
-# A different size per leaf: the features are normalized per tensor, so this must not matter.
+# A different size per leaf: the features are scaled per tensor, so this must not matter.
 GRAD_SCALES = {"matrix": 1e-3, "tensor": 1e2, "vector": 1.0, "scalar": 0.3, "empty": 1.0}
 MULTIPLIERS = {"matrix": 0.5, "tensor": 1.0 / 3.0, "vector": 2.0, "scalar": 1.5, "empty": 0.25}
 # Compilation time grows with the number of leaves: the composition checks use two.
@@ -109,13 +110,13 @@ def assert_trees_close(actual, expected, rtol, label):
         np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=f"{label} {name}")
 
 
-def reference_run(meta_params, **overrides):
+def reference_run(meta_params, description=DESCRIPTION, **overrides):
     kwargs = {
         "step_multiplier": step_schedule,
         "magnitude_multiplier": magnitude_schedule,
         "update_multipliers": MULTIPLIERS,
     } | overrides
-    return ref.run(meta_params, random_tree(0), gradient_sequence(1), DESCRIPTION, **kwargs)
+    return ref.run(meta_params, random_tree(0), gradient_sequence(1), description, **kwargs)
 
 
 def flat_updates(all_updates):
@@ -123,16 +124,25 @@ def flat_updates(all_updates):
 
 
 # ------------------------------------------------------------------------------ the reference
-def test_jax_matches_the_numpy_transcription_over_ten_steps():
-    meta_params = random_meta_params(DESCRIPTION, 0)
-    tx = DESCRIPTION.transform(
+# A network large enough to be evaluated by matrix products, where DESCRIPTION's is written out
+# entry by entry (the two code paths of the update).
+DENSE_DESCRIPTION = dataclasses.replace(DESCRIPTION, hidden_size=24, hidden_layers=3)
+
+
+@pytest.mark.parametrize(
+    "description", [DESCRIPTION, DENSE_DESCRIPTION], ids=["entrywise", "dense"]
+)
+def test_jax_matches_the_numpy_transcription_over_ten_steps(description):
+    assert _per_parameter_mlp._is_entrywise(description) == (description is DESCRIPTION)
+    meta_params = random_meta_params(description, 0)
+    tx = description.transform(
         to_jax(meta_params),
         step_multiplier=step_schedule,
         magnitude_multiplier=magnitude_schedule,
         update_multipliers=MULTIPLIERS,
     )
     got, state = run_jax(tx, random_tree(0), gradient_sequence(1))
-    want, want_state = reference_run(meta_params)
+    want, want_state = reference_run(meta_params, description)
     for t, (g, w) in enumerate(zip(got, want, strict=True)):
         for leaf in g.values():
             assert leaf.dtype == jnp.float64
@@ -189,7 +199,7 @@ def test_untrained_optimizer_takes_small_finite_steps_at_any_gradient_scale():
             assert bool(jnp.all(jnp.isfinite(leaf))), scale
         sizes = np.concatenate([np.abs(np.ravel(u)) for u in jax.tree.leaves(all_updates)])
         assert np.all(np.isfinite(sizes))
-        # Measured: median 0.22 lambda1, largest 1.03 lambda1 at every scale.
+        # Measured: median 0.19 lambda1, largest 0.74 lambda1 at every scale.
         assert 0.05 * lam < np.median(sizes) and np.max(sizes) < 3 * lam, (scale, sizes)
         per_scale[scale] = sizes
     for scale in (1e-8, 1e8):
@@ -312,7 +322,8 @@ def test_in_flax_nnx_optimizer():
     assert abs(float(loss(params)) - float(start)) > 1e-3  # the model moved
 
 
-def test_meta_gradient_matches_central_differences():
+@pytest.mark.parametrize("hidden_size", [5, 100], ids=["entrywise", "dense"])
+def test_meta_gradient_matches_central_differences(hidden_size):
     rng = np.random.default_rng(7)
     x, y = jnp.asarray(rng.normal(size=(16, 4))), jnp.asarray(rng.normal(size=(16, 3)))
     init = {"w": jnp.asarray(rng.normal(size=(4, 3)) * 0.5), "b": jnp.zeros(3)}
@@ -321,7 +332,10 @@ def test_meta_gradient_matches_central_differences():
         return jnp.mean((x @ params["w"] + params["b"] - y) ** 2)
 
     # A smaller network than DESCRIPTION's (one hidden layer) keeps the compilation short.
-    description = PerParameterMLP(hidden_size=5, momentum_decays=(0.5, 0.9), rms_decay=0.9)
+    description = PerParameterMLP(
+        hidden_size=hidden_size, momentum_decays=(0.5, 0.9), rms_decay=0.9
+    )
+    assert _per_parameter_mlp._is_entrywise(description) == (hidden_size == 5)
 
     def meta_loss(meta_params):
         tx = description.transform(meta_params, step_multiplier=0.05, magnitude_multiplier=0.5)
@@ -348,6 +362,27 @@ def test_meta_gradient_matches_central_differences():
     assert abs(analytic) > 1e-4  # the meta-parameters matter to the loss
     # Central differences: error O(h^2 f''') ~ 1e-10 plus round-off 1e-16 / h ~ 1e-11.
     np.testing.assert_allclose(analytic, numeric, rtol=1e-6)
+    # Forward mode (the entry-by-entry network's custom JVP) agrees with reverse mode.
+    _, forward = jax.jit(lambda m, d: jax.jvp(meta_loss, (m,), (d,)))(meta_params, direction)
+    np.testing.assert_allclose(float(forward), analytic, rtol=1e-10)
+
+
+def test_entrywise_network_equals_the_matrix_products():
+    rng = np.random.default_rng(3)
+    features, width = 7, 5
+    weights = (
+        jnp.asarray(rng.normal(size=(features, width))),
+        jnp.asarray(rng.normal(size=width)),
+        [(jnp.asarray(rng.normal(size=(width, width))), jnp.asarray(rng.normal(size=width)))],
+        jnp.asarray(rng.normal(size=(width, 2))),
+        jnp.asarray(rng.normal(size=2)),
+    )
+    xs = [jnp.asarray(rng.normal(size=11)) for _ in range(features)]
+    got = _per_parameter_mlp._entrywise_network(weights, xs)
+    want = _per_parameter_mlp._dense_network(weights, xs)
+    for g, w in zip(got, want, strict=True):
+        assert float(jnp.std(w)) > 0.1  # ReLUs active and inactive: the outputs vary
+        np.testing.assert_allclose(g, w, rtol=1e-13, atol=1e-13)
 
 
 # ------------------------------------------------------------------------------ errors

@@ -96,18 +96,24 @@ class PerParameterMLP:
     For each parameter tensor :math:`p` with gradient :math:`g` the transform keeps momenta
     :math:`m_k` at the ``momentum_decays`` :math:`\beta_k`, a second moment :math:`v`
     (``rms_decay``) and Adafactor's factored second moment :math:`f = r c^\top / \bar r` from
-    row and column statistics (``factored_decay``; for vectors :math:`f` is unfactored). Its
-    :math:`F = 4 + 3K` per-entry features are
+    row and column statistics (``factored_decay``; for vectors :math:`f` is unfactored), each
+    bias-corrected as Adam's (:math:`\hat m_k = m_k / (1 - \beta_k^n)` at step :math:`n`, and so
+    on). Its :math:`F = 4 + 3K` per-entry features are
 
     .. math::
 
-       p,\; g,\; m_k,\; \frac{g}{\sqrt{v}},\; \frac{m_k}{\sqrt{v}},\;
-       \frac{g}{\sqrt{f}},\; \frac{m_k}{\sqrt{f}},
+       \frac{p}{\rho},\; \frac{g}{\sigma},\; \frac{\hat m_k}{\sigma},\;
+       \frac{g}{\sqrt{\hat v}},\; \frac{\hat m_k}{\sqrt{\hat v}},\;
+       \frac{g}{\sqrt{\hat f}},\; \frac{\hat m_k}{\sqrt{\hat f}},
 
-    each divided by its root mean square over the tensor, so one network serves tensors of
-    every scale. The tensor's features are :math:`\tanh(t/\tau_j)` of the step :math:`t` at the
+    normalized per tensor so that one network serves tensors of every scale: :math:`\rho` is
+    the root mean square of the parameter tensor and :math:`\sigma` the running root mean square
+    of its gradient (the mean of the factored statistics), and the ratio features are
+    scale-free by construction. Two per-tensor scalars, where one normalizer per feature would
+    cost a pass over the tensor each: the update then fuses into one elementwise pass. The
+    tensor's features are :math:`\tanh(t/\tau_j)` of the step :math:`t` at the
     ``step_timescales`` and the clipped log-ratio of the gradient's mean square to its running
-    average, :math:`\tfrac12 \log(\overline{g^2}/\bar v)`, which tells the network that the
+    average, :math:`\tfrac12 \log(\overline{g^2}/\sigma^2)`, which tells the network that the
     gradient shrinks. The network outputs a direction :math:`d` and a log-magnitude :math:`a`,
     and the update is
 
@@ -353,16 +359,9 @@ class PerParameterMLP:
                 _common.value_at(magnitude_multiplier, state.count),
             )
 
-            def take_step():
-                return _step(
-                    description, meta_params, leaves, treedef, params, state, hyper, multipliers
-                )
-
-            def skip_step():
-                zeros = jax.tree.map(jnp.zeros_like, updates)
-                return zeros, state._replace(skipped_steps=_common.increment(state.skipped_steps))
-
-            return jax.lax.cond(finite, take_step, skip_step)
+            return _step(
+                description, meta_params, leaves, treedef, params, state, hyper, multipliers, finite
+            )
 
         return optax.GradientTransformation(init_fn, update_fn)
 
@@ -388,8 +387,12 @@ def _multiplier_leaves(update_multipliers: Any, updates: Any, treedef: Any) -> l
     return leaves
 
 
-def _step(description, meta_params, leaves, treedef, params, state, hyper, multipliers):
-    """One step that is taken (the gradient is finite)."""
+def _step(description, meta_params, leaves, treedef, params, state, hyper, multipliers, finite):
+    """One step; a gradient that is not ``finite`` gives a zero update and keeps the moments.
+
+    The skip is a select inside each tensor's passes, not a conditional: a conditional would
+    copy the whole state every step.
+    """
     step_multiplier, magnitude_multiplier = hyper
     param_leaves = treedef.flatten_up_to(params)
     fields = [
@@ -399,69 +402,176 @@ def _step(description, meta_params, leaves, treedef, params, state, hyper, multi
     t = state.count.astype(jnp.float32)
     outputs = [
         _leaf_step(
-            description, meta_params, g, p, *moments, t, step_multiplier, magnitude_multiplier, mult
+            description,
+            meta_params,
+            g,
+            p,
+            *moments,
+            t,
+            step_multiplier,
+            magnitude_multiplier,
+            mult,
+            finite,
         )
         for g, p, *moments, mult in zip(leaves, param_leaves, *fields, multipliers, strict=True)
     ]
     updates, *new_fields = zip(*outputs, strict=True) if outputs else ([],) * 5
     momenta, second, row, column = (treedef.unflatten(list(f)) for f in new_fields)
-    new_state = PerParameterMLPState(
-        _common.increment(state.count), momenta, second, row, column, state.skipped_steps
-    )
+    count = jnp.where(finite, _common.increment(state.count), state.count)
+    skipped = jnp.where(finite, state.skipped_steps, _common.increment(state.skipped_steps))
+    new_state = PerParameterMLPState(count, momenta, second, row, column, skipped)
     return treedef.unflatten(list(updates)), new_state
 
 
-def _normalized(x: jax.Array) -> jax.Array:
-    """A feature divided by its root mean square over the tensor (non-finite entries -> 0)."""
-    x = jnp.where(jnp.isfinite(x), x, 0.0)
-    return x / jnp.sqrt(jnp.mean(jnp.square(x)) + _TINY)
+def _finite(x: jax.Array) -> jax.Array:
+    """Non-finite entries -> 0 (an overflowed second moment, a non-finite parameter)."""
+    return jnp.where(jnp.isfinite(x), x, 0.0)
 
 
-def _leaf_step(description, meta_params, g, p, momenta, second, row, column, t, lam1, lam2, mult):
-    """The update and new moments of one parameter tensor."""
+def _inverse_root(x: jax.Array) -> jax.Array:
+    """1 / sqrt(x + tiny), written as a division by a square root (see ``_TINY``); 0 where
+    that is not finite."""
+    return _finite(1.0 / jnp.sqrt(x + _TINY))
+
+
+# The network is written out entry by entry (each hidden unit a sum of scalar-weighted arrays)
+# when it has at most this many weights: XLA then fuses features, network and step into one
+# elementwise pass over the tensor instead of materializing [entries, features] and
+# [entries, hidden] arrays (measured in docs/benchmarks.md, learned suite). Larger networks
+# would make that program too long to compile quickly, so they use matrix products.
+_ENTRYWISE_WEIGHTS = 1024
+
+
+def _is_entrywise(description: PerParameterMLP) -> bool:
+    """Whether the network is small enough to be written out entry by entry."""
+    width, layers = description.hidden_size, description.hidden_layers
+    weights = width * (description.num_features + (layers - 1) * width + 2)
+    return weights <= _ENTRYWISE_WEIGHTS
+
+
+def _dense_network(weights, features):
+    """The per-entry MLP as matrix products over the stacked features."""
+    first, bias, hidden, output, output_bias = weights
+    h = jax.nn.relu(jnp.stack(features, axis=-1) @ first + bias)
+    for w, b in hidden:
+        h = jax.nn.relu(h @ w + b)
+    out = h @ output + output_bias
+    return out[..., 0], out[..., 1]
+
+
+@jax.custom_jvp
+def _entrywise_network(weights, features):
+    """The same MLP, entry by entry; its derivatives are the dense form's (matrix products,
+    which is what the meta-gradient needs: one product per layer, not one reduction per
+    weight)."""
+    first, bias, hidden, output, output_bias = weights
+
+    def layer(w, b, inputs):
+        return [
+            jax.nn.relu(b[j] + sum(w[i, j] * x for i, x in enumerate(inputs)))
+            for j in range(w.shape[1])
+        ]
+
+    h = layer(first, bias, features)
+    for w, b in hidden:
+        h = layer(w, b, h)
+    direction, log_magnitude = (
+        output_bias[o] + sum(output[j, o] * x for j, x in enumerate(h)) for o in range(2)
+    )
+    return direction, log_magnitude
+
+
+@_entrywise_network.defjvp
+def _entrywise_network_jvp(primals, tangents):
+    return jax.jvp(_dense_network, primals, tangents)
+
+
+def _network_weights(description, meta_params, tensor_features, dtype):
+    def weight(layer, name):
+        return layer[name].astype(dtype)
+
+    bias = weight(meta_params["input"], "b") + tensor_features @ weight(meta_params["tensor"], "w")
+    hidden = [(weight(layer, "w"), weight(layer, "b")) for layer in meta_params["hidden"]]
+    return (
+        weight(meta_params["input"], "w"),
+        bias,
+        hidden,
+        weight(meta_params["output"], "w"),
+        weight(meta_params["output"], "b"),
+    )
+
+
+def _leaf_step(
+    description, meta_params, g, p, momenta, second, row, column, t, lam1, lam2, mult, finite
+):
+    """The update and new moments of one parameter tensor; zero and unchanged unless
+    ``finite``."""
     if g.size == 0:
         return jnp.zeros_like(g), momenta, second, row, column
     dtype = _compute_dtype(g.dtype)
     shape = g.shape
-    g_c = g.astype(dtype).reshape(shape or (1,))
+    old_moments = (momenta, second, row, column)
+    # A skipped step computes from a zero gradient (so no NaN reaches the computation, or a
+    # meta-gradient) and selects the old moments.
+    g_c = jnp.where(finite, g, 0).astype(dtype).reshape(shape or (1,))
     p_c = jnp.asarray(p).astype(dtype).reshape(shape or (1,))
-    decays = jnp.asarray(description.momentum_decays, dtype).reshape((-1,) + (1,) * g_c.ndim)
-    momenta = decays * momenta.reshape((-1, *g_c.shape)) + (1.0 - decays) * g_c
+    n = t.astype(dtype) + 1.0  # this step's number, for the bias corrections
+    decays = description.momentum_decays
+    momenta = momenta.reshape((-1, *g_c.shape))
+    decay_column = jnp.asarray(decays, dtype).reshape((-1,) + (1,) * g_c.ndim)
+    # One array for all momenta, updated in place (a stack of separate arrays is not).
+    stacked = decay_column * momenta + (1.0 - decay_column) * g_c
     squared = jnp.square(g_c)
     b_v, b_f = description.rms_decay, description.factored_decay
     second = b_v * second.reshape(g_c.shape) + (1.0 - b_v) * squared
     if g_c.ndim >= 2:
-        row = b_f * row + (1.0 - b_f) * jnp.mean(squared, axis=-1)
+        row_squares = jnp.mean(squared, axis=-1)
+        row = b_f * row + (1.0 - b_f) * row_squares
         column = b_f * column + (1.0 - b_f) * jnp.mean(squared, axis=-2)
         # r / (mean r + eps), divided twice by the square root: the derivative of a division
         # by y holds 1/y^2, which for y = mean r + eps ~ 1e-30 would overflow float32.
         root_mean = jnp.sqrt(jnp.mean(row, axis=-1) + _TINY)[..., None]
         factored = (row / root_mean / root_mean)[..., :, None] * column[..., None, :]
+        mean_square, running_mean_square = jnp.mean(row_squares), jnp.mean(column)
     else:
         row = b_f * row.reshape(g_c.shape) + (1.0 - b_f) * squared
         factored = row
-    rms, factored_rms = jnp.sqrt(second + _TINY), jnp.sqrt(factored + _TINY)
-    features = [p_c, g_c, *momenta, g_c / rms, *(momenta / rms)]
-    features += [g_c / factored_rms, *(momenta / factored_rms)]
-    x = jnp.stack([_normalized(f) for f in features], axis=-1).reshape(-1, len(features))
+        mean_square, running_mean_square = jnp.mean(squared), jnp.mean(row)
+    stacked = jnp.where(finite, stacked, momenta)
+    second = jnp.where(finite, second, old_moments[1].reshape(g_c.shape))
+    row = jnp.where(finite, row, old_moments[2].reshape(row.shape))
+    column = jnp.where(finite, column, old_moments[3])
+    # The new moments are written once and read back by the feature pass: without the barrier
+    # XLA recomputes them there from the old ones, whose buffers the state's donation has
+    # already reused, and copies the whole old state first to allow that.
+    stacked, second = jax.lax.optimization_barrier((stacked, second))
+    new_momenta = list(stacked)
+    # Bias corrections: each average divided by 1 - decay^n, as Adam's.
+    corrected = [1.0 / (1.0 - b**n) for b in decays]
+    momenta_hat = [c * m for c, m in zip(corrected, new_momenta, strict=True)]
+    factored_correction = 1.0 / (1.0 - b_f**n)
+    running_mean_square = running_mean_square * factored_correction
+    inverse_scale = _inverse_root(running_mean_square)
+    inverse_rms = _inverse_root(second / (1.0 - b_v**n))
+    inverse_factored = _inverse_root(factored * factored_correction)
+    inverse_p = _inverse_root(jnp.mean(jnp.square(p_c)))
+    features = [p_c * inverse_p]
+    for inverse in (inverse_scale, inverse_rms, inverse_factored):
+        features += [g_c * inverse, *(m * inverse for m in momenta_hat)]
+    features = [_finite(f).reshape(-1) for f in features]
 
     timescales = jnp.asarray(description.step_timescales, dtype)
-    shrinkage = 0.5 * (jnp.log(jnp.mean(squared) + _TINY) - jnp.log(jnp.mean(second) + _TINY))
+    shrinkage = 0.5 * (jnp.log(mean_square + _TINY) - jnp.log(running_mean_square + _TINY))
     shrinkage = jnp.clip(shrinkage, -5.0, 5.0) / 5.0
     shrinkage = jnp.where(jnp.isfinite(shrinkage), shrinkage, 0.0)
     tensor_features = jnp.concatenate([jnp.tanh(t.astype(dtype) / timescales), shrinkage[None]])
 
-    def weight(layer, name):
-        return layer[name].astype(dtype)
-
-    bias = weight(meta_params["input"], "b") + tensor_features @ weight(meta_params["tensor"], "w")
-    h = jax.nn.relu(x @ weight(meta_params["input"], "w") + bias)
-    for layer in meta_params["hidden"]:
-        h = jax.nn.relu(h @ weight(layer, "w") + weight(layer, "b"))
-    out = h @ weight(meta_params["output"], "w") + weight(meta_params["output"], "b")
-    direction, log_magnitude = out[:, 0], out[:, 1]
+    weights = _network_weights(description, meta_params, tensor_features, dtype)
+    network = _entrywise_network if _is_entrywise(description) else _dense_network
+    direction, log_magnitude = network(weights, features)
     step = -lam1 * direction * jnp.exp(lam2 * log_magnitude) * mult
-    update = step.reshape(shape).astype(g.dtype)
+    update = jnp.where(finite, step, 0.0).reshape(shape).astype(g.dtype)
+    momenta = stacked
     if not shape:
         momenta, second, row = momenta.reshape(-1), second.reshape(()), row.reshape(())
     return update, momenta, second, row, column

@@ -1,14 +1,18 @@
 """Layer 3: inner solves with a choice of how to differentiate them."""
 
+from metaopt.bilevel._bamm import SLBAMM, SLBAMMInfo, SLBAMMState
 from metaopt.bilevel._diff import FirstOrder, Implicit, Truncated, Unrolled
 from metaopt.bilevel._hypergradient import HypergradientDiagnostics, value_and_hypergradient
 from metaopt.bilevel._solve import InnerSolveWarning, SolveDiagnostics, solve
 
 __all__ = [
+    "SLBAMM",
     "FirstOrder",
     "HypergradientDiagnostics",
     "Implicit",
     "InnerSolveWarning",
+    "SLBAMMInfo",
+    "SLBAMMState",
     "SolveDiagnostics",
     "Truncated",
     "Unrolled",

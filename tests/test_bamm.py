@@ -59,6 +59,47 @@ def _distance(x):
     return float(jnp.linalg.norm(x - E) / jnp.linalg.norm(E))
 
 
+def test_one_step_matches_the_update_equations_written_with_explicit_matrices():
+    # A coupled quadratic with a rank-2 lower-level Hessian A (4 x 4): f = y'Ay/2 - x'By,
+    # F = y'Cy/2 + c'y + |x - d|^2/2 + x'Gy. Then grad_y f = Ay - B'x, Hess_yy f z = Az,
+    # Hess_xy f z = -Bz, grad_y F = Cy + c + G'x, grad_x F = x - d + Gy; the step is written
+    # out in NumPy from these, at step count k = 3 (mu_3 = mu * 4 ** (-1 / p)).
+    rng = np.random.default_rng(0)
+    u = rng.standard_normal((4, 2))
+    a, b = u @ u.T, rng.standard_normal((3, 4))
+    v = rng.standard_normal((4, 4))
+    c_mat, c = v @ v.T + np.eye(4), rng.standard_normal(4)
+    d, g = rng.standard_normal(3), rng.standard_normal((3, 4))
+    x, y, z = rng.standard_normal(3), rng.standard_normal(4), rng.standard_normal(4)
+
+    def inner(y, x):
+        return 0.5 * y @ a @ y - x @ b @ y
+
+    def outer(y, x):
+        return 0.5 * y @ c_mat @ y + c @ y + 0.5 * jnp.sum((x - d) ** 2) + x @ g @ y
+
+    alpha, beta, eta, mu, p = 0.05, 0.1, 0.2, 0.7, 3.0
+    method = bilevel.SLBAMM(alpha, beta, eta, mu=mu, mu_power=p)
+    state = method.init(jnp.asarray(x), jnp.asarray(y), z=jnp.asarray(z))
+    new, info = method.step(outer, inner, state._replace(step=jnp.asarray(3, jnp.int32)))
+
+    mu_k = mu * 4.0 ** (-1.0 / p)
+    y1 = y - beta * (mu_k * (c_mat @ y + c + g.T @ x) + (1 - mu_k) * (a @ y - b.T @ x))
+    residual = a @ z - (c_mat @ y1 + c + g.T @ x)
+    z1 = z - eta * residual
+    direction = x - d + g @ y1 + b @ z1
+    x1 = x - alpha * direction
+    np.testing.assert_allclose(new.y, y1, rtol=1e-13)
+    np.testing.assert_allclose(new.z, z1, rtol=1e-13)
+    np.testing.assert_allclose(new.x, x1, rtol=1e-13)
+    np.testing.assert_allclose(info.mu, mu_k, rtol=1e-15)
+    np.testing.assert_allclose(info.multiplier_residual_norm, np.linalg.norm(residual))
+    np.testing.assert_allclose(info.hypergradient_norm, np.linalg.norm(direction))
+    np.testing.assert_allclose(info.inner_gradient_norm, np.linalg.norm(a @ y1 - b.T @ x))
+    np.testing.assert_allclose(info.outer_loss, outer(y1, x))
+    assert int(new.step) == 4
+
+
 def test_slbamm_reaches_the_bilevel_solution_without_lower_level_strong_convexity():
     state, infos = _run(_method(), _method().init(*_start()), 400)
     # Measured: relative distances 4e-16 (x), 2e-16 (y1), 6e-16 (y2) after 400 steps, and

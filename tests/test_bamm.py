@@ -127,6 +127,27 @@ def test_slbamm_needs_the_averaging_to_pick_the_right_lower_level_solution():
     np.testing.assert_allclose(state.y[1], 0.0, atol=1e-9)
 
 
+def test_when_the_levels_disagree_the_iterate_trails_the_solution_by_mu_k():
+    # The authors' strongly convex example: f = |y|^2/2 - x'y (y* = x), F = |y|^2/2 +
+    # |x - e|^2/2, solved by x* = e/2. The y-step minimizes mu F + (1 - mu) f, whose
+    # minimizer is (1 - mu) x, and the fixed point of the other two steps is then
+    # x = e / (2 - mu): sl-BAMM is biased by the averaging weight, and converges as mu_k -> 0.
+    # Measured (mu = 0.5, mu_power = 1, 300 steps): relative error 8.362e-4 against
+    # mu / (2 - mu) = 8.340e-4 for the last mu = 0.5 / 300 (1.0026 times it).
+    def inner(y, x):
+        return 0.5 * jnp.sum(y**2) - x @ y
+
+    def outer(y, x):
+        return 0.5 * jnp.sum(y**2) + 0.5 * jnp.sum((x - E) ** 2)
+
+    method = _method(mu=0.5, mu_power=1.0)
+    state, infos = _run(method, method.init(jnp.zeros(N), jnp.zeros(N)), 300, outer, inner)
+    mu = float(infos.mu[-1])
+    np.testing.assert_allclose(mu, 0.5 / 300, rtol=1e-12)
+    np.testing.assert_allclose(state.x, E / (2.0 - mu), rtol=1e-5)
+    assert 0.8 * mu / (2 - mu) < _distance(2.0 * state.x) < 1.2 * mu / (2 - mu)
+
+
 def _implicit_outer_loop(solver, steps):
     """Outer gradient descent on x, the hypergradient by bilevel.solve with Implicit(solver)."""
     y0 = (jnp.zeros(N), jnp.zeros(N))

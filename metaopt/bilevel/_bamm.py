@@ -158,6 +158,18 @@ class SLBAMM:
         lower-level step (a number or an array).
       mu_power: :math:`p > 0`: :math:`\mu_k = \mu\,(k+1)^{-1/p}` decays more slowly for a
         larger ``p``.
+
+    Choosing ``mu`` and ``mu_power``: a weight that stays large selects the upper level's
+    favourite lower-level solution faster, but where the two levels disagree about ``y`` the
+    iterate trails the solution by :math:`O(\mu_k)` (on :math:`f = \tfrac12\lVert y\rVert^2
+    - x^\top y`, :math:`F = \tfrac12\lVert y\rVert^2 + \tfrac12\lVert x - e\rVert^2` the fixed
+    point is :math:`x = e/(2 - \mu_k)` instead of :math:`e/2`). Measured with the step sizes
+    of the example below, relative error of ``x`` after 400 steps: on the example's problem
+    (the levels agree) :math:`2\cdot10^{-4}` with the defaults (``mu=0.5, mu_power=2``),
+    :math:`4\cdot10^{-16}` with ``mu=0.9, mu_power=10`` (the defaults of the authors'
+    script for this problem); on the problem above (they disagree) :math:`1.3\cdot10^{-2}`
+    with the defaults and :math:`0.33` with ``mu=0.9, mu_power=10``. The defaults are the
+    compromise.
     """
 
     learning_rate: ScalarOrSchedule

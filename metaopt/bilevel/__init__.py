@@ -2,11 +2,16 @@
 
 from metaopt.bilevel._bamm import SLBAMM, SLBAMMInfo, SLBAMMState
 from metaopt.bilevel._diff import FirstOrder, Implicit, Truncated, Unrolled
+from metaopt.bilevel._f2sa import F2SA, F2SADiagnostics, F2SAState, F2SAWarning
 from metaopt.bilevel._hypergradient import HypergradientDiagnostics, value_and_hypergradient
 from metaopt.bilevel._solve import InnerSolveWarning, SolveDiagnostics, solve
 
 __all__ = [
+    "F2SA",
     "SLBAMM",
+    "F2SADiagnostics",
+    "F2SAState",
+    "F2SAWarning",
     "FirstOrder",
     "HypergradientDiagnostics",
     "Implicit",

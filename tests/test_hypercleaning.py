@@ -1,0 +1,47 @@
+"""examples/hypercleaning.py at a tiny size: the learned weights find the corrupted labels."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import hypercleaning
+
+TINY = hypercleaning.CleaningConfig(
+    num_train=300,
+    num_validation=100,
+    outer_steps=60,
+    inner_steps=20,
+    eval_steps=500,
+    multiplier_growth=1.0,
+)
+
+
+def test_f2sa_and_implicit_cg_down_weight_the_corrupted_examples():
+    # Measured (float64, seed 0, 150 of the 300 training labels corrupted):
+    #   method        test accuracy  precision  recall  flagged (weight < 0.1)
+    #   f2sa          82.7%          91.3%      76.7%   126
+    #   implicit_cg   83.8%          90.7%      78.0%   129
+    #   no_weights    56.3%          -          0.0%    0
+    results = hypercleaning.compare(TINY, ("f2sa", "implicit_cg", "no_weights"), progress=False)
+    baseline = results["no_weights"].test_accuracy
+    assert 0.4 < baseline < 0.7
+    for name in ("f2sa", "implicit_cg"):
+        r = results[name]
+        assert r.test_accuracy > baseline + 0.15, (name, r.test_accuracy, baseline)
+        # Flagging at random would have precision 50%, and recall equal to the fraction flagged.
+        assert r.precision > 0.8 and r.recall > 0.6, (name, r.precision, r.recall)
+        assert r.warnings == 0 and r.step_seconds > 0
+    # F2SA's estimate is within O(1/lambda) of the implicit hypergradient: the two methods end
+    # with nearly the same weights (measured correlation 0.983).
+    f2sa, cg = results["f2sa"].weights, results["implicit_cg"].weights
+    assert np.corrcoef(f2sa, cg)[0, 1] > 0.95
+    table = hypercleaning.markdown_table(results)
+    assert table.count("\n") == 4 and "| no_weights | 56.3% | - | 0.0% | 0 |" in table
+
+
+def test_unknown_method_is_rejected():
+    with pytest.raises(ValueError, match="unknown \\['cg'\\]"):
+        hypercleaning.compare(TINY, ("cg",))

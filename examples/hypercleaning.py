@@ -42,7 +42,7 @@ time of one compiled outer step (inner solve, hypergradient and update; after co
 Run it from the repository root (it needs the ``examples`` extra: ``pip install
 "metaopt-jax[examples]"``)::
 
-  python examples/hypercleaning.py                                 # the CPU default, minutes
+  python examples/hypercleaning.py                                 # the CPU default, about 30 s
   python examples/hypercleaning.py --methods=f2sa,implicit_cg --outer_steps=400
   python examples/hypercleaning.py --helpfull                      # every flag
 """

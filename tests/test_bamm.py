@@ -206,7 +206,6 @@ def test_implicit_differentiation_with_damped_cg_converges_elsewhere():
     assert abs(_distance(x) - 0.5) < 1e-6
 
 
-@pytest.mark.skipif(not hasattr(bilevel, "F2SA"), reason="bilevel.F2SA is not on this branch")
 def test_f2sa_reaches_the_bilevel_solution_through_its_penalized_solve():
     # F2SA's lower-level solve leaves y2 where it started, as the implicit inner solve does,
     # but its penalized solve min_z F/lambda + f does see y2 (through F) and takes it to x,

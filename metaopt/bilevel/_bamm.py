@@ -7,7 +7,6 @@ Lower-Level Strong Convexity", ICML 2023 (arXiv:2302.03407).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -15,6 +14,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from metaopt.bilevel._checks import all_finite, check_scalar_loss
 from metaopt.optimizers import _common
 from metaopt.optimizers._common import ScalarOrSchedule, global_norm
 
@@ -279,13 +279,8 @@ class SLBAMM:
           ``(state, info)``: the new state and an :class:`SLBAMMInfo`.
         """
         x, y, z, k = state.x, state.y, state.z, state.step
-        for name, loss in (("outer_loss", outer_loss), ("inner_loss", inner_loss)):
-            shape = jax.eval_shape(loss, y, x)
-            if not isinstance(shape, jax.ShapeDtypeStruct) or shape.shape != ():
-                raise ValueError(
-                    f"{name} must return a scalar, got {shape}. Reduce it, for example with "
-                    "jnp.mean or jnp.sum over the examples."
-                )
+        check_scalar_loss("outer_loss", outer_loss, y, x)
+        check_scalar_loss("inner_loss", inner_loss, y, x)
         alpha, beta, eta = (
             _common.value_at(rate, k)
             for rate in (
@@ -315,9 +310,7 @@ class SLBAMM:
 
         norms = [global_norm(t) for t in (inner_y, multiplier_direction, x_direction)]
         values = (x_new, y_new, z_new, outer_loss_value, *norms)
-        finite = functools.reduce(
-            jnp.logical_and, [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(values)]
-        )
+        finite = all_finite(values)
         kept = jax.tree.map(
             lambda new, old: jnp.where(finite, new, old), (x_new, y_new, z_new), (x, y, z)
         )

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from metaopt.bilevel._checks import all_finite, check_scalar_loss
 from metaopt.bilevel._diff import _POLICIES, OnFailure
 from metaopt.bilevel._solve import SolveDiagnostics, _InnerLoop, _Position
 from metaopt.implicit._failure import raise_or_warn, report_on_failure
@@ -306,8 +307,8 @@ class F2SA:
           ``(estimate, state, diagnostics)``: the estimate has ``hparams``' structure;
           diagnostics are an :class:`F2SADiagnostics`.
         """
-        _check_scalar("outer_loss", outer_loss, state.z, hparams)
-        _check_scalar("inner_loss", inner_loss, state.y, hparams)
+        check_scalar_loss("outer_loss", outer_loss, state.z, hparams)
+        check_scalar_loss("inner_loss", inner_loss, state.y, hparams)
         multiplier = self.multiplier_at(state.count)
 
         def penalized(params, hparams, multiplier):
@@ -348,7 +349,7 @@ class F2SA:
             started = state.count > 0
             estimate = jax.tree.map(lambda c, e: jnp.where(started, c, e), corrected, estimate)
 
-        finite = _all_finite(estimate)
+        finite = all_finite(estimate)
         failed = ~(finite & y_info.converged & z_info.converged)
         new_state = F2SAState(
             y=y_end.params,
@@ -430,21 +431,6 @@ def _estimate(outer_loss, inner_loss, hparams, y, z, multiplier):
         return multiplier * inner_loss(y, x)
 
     return jax.tree.map(lambda a, b: a - b, jax.grad(at_z)(hparams), jax.grad(at_y)(hparams))
-
-
-def _all_finite(tree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return functools.reduce(jnp.logical_and, leaves, jnp.asarray(True))
-
-
-def _check_scalar(name, loss, params, hparams):
-    shape = jax.eval_shape(loss, params, hparams)
-    if not hasattr(shape, "shape") or shape.shape != ():
-        got = getattr(shape, "shape", shape)
-        raise ValueError(
-            f"{name} must return a scalar, got a value of shape {got}. Sum or average it "
-            f"(for example jnp.mean of the per-example losses)."
-        )
 
 
 def _check_multiplier(multiplier, check_steps):

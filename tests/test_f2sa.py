@@ -354,3 +354,32 @@ def test_a_loss_that_is_not_scalar_is_rejected_at_the_first_call(which):
     losses = (per_example, inner) if which == "outer_loss" else (outer, per_example)
     with pytest.raises(ValueError, match=rf"{which} must return a scalar.*shape \(20,\)"):
         f2sa.hypergradient(*losses, x, state)
+
+
+def test_float32_huge_input_zero_gradient_and_mismatched_tree():
+    f2sa = bilevel.F2SA(multiplier=100.0, inner_optimizer=optax.sgd(1 / L), inner_steps=5)
+    # float32 stays float32 in the estimate and the state.
+    state = f2sa.init(jnp.float32(0.3), jnp.zeros(P, jnp.float32))
+    grad, state32, info = f2sa.hypergradient(outer, inner, jnp.float32(0.3), state)
+    assert grad.dtype == state32.y.dtype == state32.z.dtype == jnp.float32
+    assert bool(info.finite)
+    # A huge hyperparameter (exp overflows): flagged, warned, the state left as it was.
+    state = f2sa.init(0.3, jnp.zeros(P))
+    with pytest.warns(bilevel.F2SAWarning):
+        grad, after, info = f2sa.hypergradient(outer, inner, 1e30, state)
+    assert not bool(info.finite) and not bool(jnp.isfinite(grad))
+    assert int(after.count) == 0 and bool(jnp.all(after.y == state.y))
+    # An outer loss that does not depend on anything: a zero estimate, finite.
+    grad, _, info = f2sa.hypergradient(lambda y, x: 0.0 * jnp.sum(y), inner, 0.3, state)
+    assert float(grad) == 0.0 and bool(info.finite)
+
+    # Hyperparameters whose tree differs from the ones init was given: a named error.
+    def tree_inner(y, h):
+        return inner(y, sum(jax.tree.leaves(h)))
+
+    def tree_outer(y, h):
+        return outer(y, sum(jax.tree.leaves(h)))
+
+    state = f2sa.init({"a": 0.3}, jnp.zeros(P))
+    with pytest.raises(ValueError, match=r"hparams.*state.previous_hparams"):
+        f2sa.hypergradient(tree_outer, tree_inner, {"a": 0.3, "b": 0.0}, state)

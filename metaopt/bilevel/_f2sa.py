@@ -17,6 +17,7 @@ from metaopt.bilevel._checks import all_finite, check_scalar_loss
 from metaopt.bilevel._diff import _POLICIES, OnFailure
 from metaopt.bilevel._solve import SolveDiagnostics, _InnerLoop, _Position
 from metaopt.implicit._failure import raise_or_warn, report_on_failure
+from metaopt.optimizers._tree_checks import check_matching
 
 Multiplier = float | jax.Array | Callable[[jax.Array], jax.Array]
 
@@ -309,6 +310,13 @@ class F2SA:
         """
         check_scalar_loss("outer_loss", outer_loss, state.z, hparams)
         check_scalar_loss("inner_loss", inner_loss, state.y, hparams)
+        check_matching(
+            "hparams",
+            hparams,
+            "state.previous_hparams",
+            state.previous_hparams,
+            hint="the hyperparameters F2SA.init was given; build the state with init(hparams, y0)",
+        )
         multiplier = self.multiplier_at(state.count)
 
         def penalized(params, hparams, multiplier):

@@ -7,6 +7,7 @@ Usage, from the repository root::
     python -m benchmarks.run --suite=shampoo         # Shampoo and SOAP against Adam
     python -m benchmarks.run --suite=meta            # MAML / iMAML against jaxopt, optimistix
     python -m benchmarks.run --suite=learned         # learned optimizer against Adam, PES cost
+    python -m benchmarks.run --suite=bilevel         # hypercleaning methods, applications
     python -m benchmarks.run --suite=all            # every suite, one after the other
     python -m benchmarks.run --suite=optimizers --ademamix_params=1000000 --sam_width=128
     python -m benchmarks.run --distributed --shard   # on every host of a multi-host slice
@@ -26,7 +27,7 @@ from pathlib import Path
 import jax
 from absl import app, flags
 
-from benchmarks import harness, implicit, learned, meta, optimizers, shampoo
+from benchmarks import bilevel, harness, implicit, learned, meta, optimizers, shampoo
 
 SUITES: dict[str, Callable[[harness.Settings], str]] = {
     "optimizers": optimizers.run_suite,
@@ -34,6 +35,7 @@ SUITES: dict[str, Callable[[harness.Settings], str]] = {
     "shampoo": shampoo.run_suite,
     "meta": meta.run_suite,
     "learned": learned.run_suite,
+    "bilevel": bilevel.run_suite,
 }
 ALL = "all"
 

@@ -115,6 +115,7 @@ class MethodResult(NamedTuple):
     compile_seconds: float
     warnings: int  # runtime warnings (inner or adjoint solves not converged, F2SA failures)
     weights: np.ndarray
+    outer_steps: int = 0  # outer steps taken (fewer than configured under a time budget)
 
 
 def load_corrupted_digits(config: CleaningConfig) -> tuple[Data, np.ndarray]:
@@ -278,8 +279,12 @@ def score(config, data, corrupted, weights, step_seconds, compile_seconds, caugh
     )
 
 
-def run_method(method, config, data, corrupted, *, progress=True) -> MethodResult:
-    """Tunes the weights with one method (or sets them, for the fixed ones) and scores them."""
+def run_method(method, config, data, corrupted, *, progress=True, time_budget=None) -> MethodResult:
+    """Tunes the weights with one method (or sets them, for the fixed ones) and scores them.
+
+    With ``time_budget`` (seconds), the outer loop stops once its compiled steps have taken
+    that long in all (compilation not counted), or after ``config.outer_steps`` steps.
+    """
     if method == "no_weights":
         return score(config, data, corrupted, np.ones(len(corrupted)), np.nan, np.nan, 0)
     if method == "clean_only":
@@ -304,10 +309,13 @@ def run_method(method, config, data, corrupted, *, progress=True) -> MethodResul
             )
             seconds.append(time.perf_counter() - start)
             bar.set_postfix(val_loss=f"{float(loss):.4f}")
+            if time_budget is not None and sum(seconds) >= time_budget:
+                break
         weights = jax.nn.sigmoid(weight_logits)
-    return score(
+    result = score(
         config, data, corrupted, weights, float(np.median(seconds)), compile_seconds, len(caught)
     )
+    return result._replace(outer_steps=len(seconds))
 
 
 def compare(

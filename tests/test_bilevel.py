@@ -297,6 +297,17 @@ def test_bad_configuration_is_rejected():
         bilevel.Implicit(on_failure="shrug")
     with pytest.raises(ValueError, match="fall back"):
         bilevel.Implicit(on_failure=bilevel.Implicit())
+    # A per-example (non-scalar) inner loss is named before any step runs, in every diff mode.
+    for diff in (bilevel.Implicit(), bilevel.Unrolled(), bilevel.Truncated(2), None):
+        with pytest.raises(ValueError, match=r"inner_loss must return a scalar, got .* \(5,\)"):
+            bilevel.solve(
+                lambda w, lam: (w - lam) ** 2,
+                jnp.zeros(5),
+                1.0,
+                optimizer=optax.sgd(0.1),
+                steps=3,
+                diff=diff,
+            )
 
 
 def test_value_and_hypergradient_returns_the_adjoint_solve_as_data():

@@ -1,4 +1,4 @@
-"""Checks shared by the bilevel methods that take their losses at call time (F2SA, sl-BAMM)."""
+"""Checks shared by the bilevel methods, which take their losses at call time."""
 
 from __future__ import annotations
 

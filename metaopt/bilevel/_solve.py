@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from metaopt.bilevel._checks import check_scalar_loss
 from metaopt.bilevel._diff import FirstOrder, Implicit, Truncated, Unrolled
 from metaopt.implicit import custom_root
 from metaopt.implicit._failure import raise_or_warn, report_on_failure
@@ -135,6 +136,7 @@ def solve(
             "diff must be bilevel.Implicit(), Unrolled(), Truncated(k) or FirstOrder(), "
             f"got diff={diff!r}."
         )
+    check_scalar_loss("inner_loss", inner_loss, init, *hparams)
     optimizer = optax.with_extra_args_support(optimizer)
     inner = _InnerLoop(inner_loss, optimizer, tol)
 

@@ -46,18 +46,24 @@ to one-hot targets, not to logits):
 
 Its gradient with respect to :math:`X_s` has a direct part (through :math:`K_{ss}`,
 :math:`K_{ts}` and :math:`J_s`) and an implicit part through :math:`\delta^\star`. Every outer
-step draws a fresh random initialization, as RCIG's pool of models does, so the images cannot
-overfit one network's features. The labels and :math:`\lambda` stay fixed. The synthetic images
-start from real training images picked at random, and an Adam step with learning rate
-``--outer_learning_rate`` updates them.
+step draws a fresh random initialization :math:`(\theta_0, W_0)` and a fresh batch, so the images
+cannot overfit one network's features (RCIG keeps a pool of networks at various stages of
+training for the same purpose; a fresh initialization each step is the simplest version). The
+labels and :math:`\lambda` stay fixed (RCIG can also learn them). The synthetic images start
+from real training images picked at random, and Adam (``--outer_learning_rate``) updates them
+and :math:`\log\tau`.
 
 Evaluation, the same for the distilled images and for real ones: a network of the same
-architecture (not linearized) is trained from scratch on the small set only, by full-batch
-gradient descent with momentum on the cross-entropy (``--eval_steps`` steps), and its test
-accuracy is reported, mean and standard deviation over ``--eval_repeats`` random
-initializations. The real baseline draws ``--eval_repeats`` random sets of the same size (the
-same number of images per class). The ridge predictor's own test accuracy (the linearized model
-above, at fresh initializations) is reported too.
+architecture (the ordinary network, not linearized) is trained from scratch on the small set
+only, by full-batch gradient descent with momentum on the cross-entropy (``--eval_steps``
+steps), and its test accuracy is reported, mean and standard deviation over
+``--eval_repeats`` random initializations. The real baseline draws ``--eval_repeats`` random
+sets of the same size (the same number of images per class), one per initialization. The
+ridge predictor's own test accuracy (the linearized model above at the same initializations,
+body fitted and last layer solved on the small set) is reported too.
+
+Default sizes: about 2.5 minutes on a loaded 2-core CPU for both sizes (an outer step takes
+about 30 ms at 1 image per class and 190 ms at 10).
 
 Run it from the repository root (it needs the ``examples`` extra: ``pip install
 "metaopt-jax[examples]"``)::
@@ -489,14 +495,16 @@ def save_figure(results: dict[int, DistillationResult], path: str) -> None:
 
 
 def benchmark_row(config: DistillationConfig | None = None) -> list[dict[str, str]]:
-    """Rows for the bilevel benchmark suite: 1 and 10 images per class, about a minute on CPU.
+    """Rows for the bilevel benchmark suite: 1 and 10 images per class, 60 outer steps each.
 
     Each row gives the test accuracy of a network trained on the distilled set against random
     real images of the same size (mean ± std over the evaluation repeats) and the median
     compiled outer step.
     """
     if config is None:
-        config = DistillationConfig(outer_steps=100, eval_repeats=3)
+        # 60 outer steps already give most of the gain at 1 image per class (76.8% against
+        # 52.3% for random real images, measured), and keep the rows near a minute of CPU.
+        config = DistillationConfig(outer_steps=60, eval_repeats=3)
     results = compare(config, progress=False)
     return [
         {

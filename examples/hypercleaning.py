@@ -30,6 +30,9 @@ methods (``--methods``) differ only in the hypergradient:
   (``--neumann_steps`` terms, scale the inner learning rate);
 - ``unrolled``: backpropagation through the inner steps of the outer step;
 - ``truncated``: backpropagation through the last ``--truncated_steps`` of them;
+- ``slbamm``: :class:`metaopt.bilevel.SLBAMM`, the single-loop method: an outer step is
+  ``--inner_steps`` of its iterations, each one gradient step on the classifier, one on the
+  multiplier and one plain gradient step on :math:`w` (``--slbamm_learning_rate``; no Adam);
 - ``no_weights``: the baseline, every weight 1 (plain training on the corrupted data);
 - ``clean_only``: the oracle, weight 1 on the clean examples and 0 on the corrupted ones.
 
@@ -65,7 +68,14 @@ from metaopt import bilevel, implicit
 from metaopt.tasks import load_digits
 
 NUM_CLASSES = 10
-HYPERGRADIENT_METHODS = ("f2sa", "implicit_cg", "implicit_neumann", "unrolled", "truncated")
+HYPERGRADIENT_METHODS = (
+    "f2sa",
+    "implicit_cg",
+    "implicit_neumann",
+    "unrolled",
+    "truncated",
+    "slbamm",
+)
 FIXED_METHODS = ("no_weights", "clean_only")  # weights set by hand, no outer loop
 METHODS = HYPERGRADIENT_METHODS + FIXED_METHODS
 
@@ -87,6 +97,7 @@ class CleaningConfig(NamedTuple):
     multiplier_growth: float = 0.5
     neumann_steps: int = 30
     truncated_steps: int = 10
+    slbamm_learning_rate: float = 30.0
     cg_tol: float = 1e-4
     eval_steps: int = 2000
     threshold: float = 0.1
@@ -206,6 +217,27 @@ def make_outer_step(method: str, config: CleaningConfig, optimizer) -> tuple[Cal
             return optax.apply_updates(weight_logits, updates), outer_state, state, loss
 
         return f2sa.init, jax.jit(step)
+
+    if method == "slbamm":
+        slbamm = bilevel.SLBAMM(
+            learning_rate=config.slbamm_learning_rate,
+            inner_learning_rate=config.inner_learning_rate,
+            multiplier_learning_rate=config.inner_learning_rate,
+        )
+
+        def step(weight_logits, outer_state, state, data):
+            inner, outer = make_losses(config, data)
+
+            def iteration(state, _):
+                state, info = slbamm.step(outer, inner, state)
+                return state, info.outer_loss
+
+            state, losses = jax.lax.scan(
+                iteration, state._replace(x=weight_logits), None, length=config.inner_steps
+            )
+            return state.x, outer_state, state, losses[-1]
+
+        return slbamm.init, jax.jit(step)
 
     diff = {
         # A fixed budget of warm-started steps (rtol=None): the relative test against the
@@ -380,6 +412,9 @@ def define_flags() -> None:
     )
     flags.DEFINE_integer(
         "truncated_steps", d.truncated_steps, "Inner steps differentiated.", lower_bound=1
+    )
+    flags.DEFINE_float(
+        "slbamm_learning_rate", d.slbamm_learning_rate, "sl-BAMM's step on w.", lower_bound=0
     )
     flags.DEFINE_float("cg_tol", d.cg_tol, "Relative residual of the CG adjoint solve.")
     flags.DEFINE_integer(

@@ -424,7 +424,7 @@ def test_tiny_bilevel_run_writes_its_own_section(tmp_path):
     # Time per outer step: one row per method, CG is the unit.
     lines = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| 0.01 (")]
     times = {cells[1].strip(): cells for cells in lines}
-    assert list(times) == ["f2sa", "implicit_cg", "unrolled"]
+    assert list(times) == ["f2sa", "implicit_cg", "unrolled", "(the inner solve alone: 5 steps)"]
     assert times["implicit_cg"][3].strip() == "1.00 [1.00–1.00]"
     for cells in times.values():
         _number(cells[3])

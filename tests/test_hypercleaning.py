@@ -20,16 +20,18 @@ TINY = hypercleaning.CleaningConfig(
 )
 
 
-def test_f2sa_and_implicit_cg_down_weight_the_corrupted_examples():
+def test_f2sa_implicit_cg_and_slbamm_down_weight_the_corrupted_examples():
     # Measured (float64, seed 0, 150 of the 300 training labels corrupted):
     #   method        test accuracy  precision  recall  flagged (weight < 0.1)
     #   f2sa          82.7%          91.3%      76.7%   126
     #   implicit_cg   83.8%          90.7%      78.0%   129
+    #   slbamm        90.3%          91.2%      89.3%   147
     #   no_weights    56.3%          -          0.0%    0
-    results = hypercleaning.compare(TINY, ("f2sa", "implicit_cg", "no_weights"), progress=False)
+    methods = ("f2sa", "implicit_cg", "slbamm", "no_weights")
+    results = hypercleaning.compare(TINY, methods, progress=False)
     baseline = results["no_weights"].test_accuracy
     assert 0.4 < baseline < 0.7
-    for name in ("f2sa", "implicit_cg"):
+    for name in ("f2sa", "implicit_cg", "slbamm"):
         r = results[name]
         assert r.test_accuracy > baseline + 0.15, (name, r.test_accuracy, baseline)
         # Flagging at random would have precision 50%, and recall equal to the fraction flagged.
@@ -40,7 +42,7 @@ def test_f2sa_and_implicit_cg_down_weight_the_corrupted_examples():
     f2sa, cg = results["f2sa"].weights, results["implicit_cg"].weights
     assert np.corrcoef(f2sa, cg)[0, 1] > 0.95
     table = hypercleaning.markdown_table(results)
-    assert table.count("\n") == 4 and "| no_weights | 56.3% | - | 0.0% | 0 |" in table
+    assert table.count("\n") == 5 and "| no_weights | 56.3% | - | 0.0% | 0 |" in table
 
 
 def test_unknown_method_is_rejected():

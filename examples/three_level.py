@@ -457,13 +457,14 @@ def main(argv: list[str]) -> None:
     results = run(config, check_gradient=values.check_gradient, progress=values.progress)
     print()
     print(markdown_table(results))
-    print(
-        f"\nOne compiled level-3 step (level 2 warm-started: {results.meta_steps[:1]} ... "
-        f"{results.meta_steps[-1:]} steps): {1e3 * results.gradient_seconds:.1f} ms median "
-        f"(compiled in {results.compile_seconds:.1f} s)."
-        if results.history
-        else ""
-    )
+    if results.history:
+        trace = " ".join(f"{v:.3f}" for v in results.history)
+        print(f"\nLevel-3 objective before each level-3 step: {trace}")
+        print(
+            f"One compiled level-3 step (level 2 warm-started, {min(results.meta_steps)} to "
+            f"{max(results.meta_steps)} level-2 steps): {1e3 * results.gradient_seconds:.1f} ms "
+            f"median (compiled in {results.compile_seconds:.1f} s)."
+        )
     print(f"Total wall time (after imports): {time.perf_counter() - begin:.1f} s")
 
 

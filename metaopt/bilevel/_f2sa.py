@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
-import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -13,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from metaopt.bilevel import _f2sa_parts
 from metaopt.bilevel._checks import all_finite, check_scalar_loss
 from metaopt.bilevel._diff import _POLICIES, OnFailure
-from metaopt.bilevel._solve import SolveDiagnostics, _InnerLoop, _Position
+from metaopt.bilevel._solve import SolveDiagnostics, _InnerLoop
 from metaopt.implicit._failure import raise_or_warn, report_on_failure
 from metaopt.optimizers._tree_checks import check_matching
 
@@ -236,7 +235,7 @@ class F2SA:
             raise TypeError(
                 f"batched_solves must be True or False, got batched_solves={batched_solves!r}."
             )
-        _check_multiplier(multiplier, check_steps)
+        _f2sa_parts.check_multiplier(multiplier, check_steps)
         self.batched_solves = batched_solves
         self.multiplier = multiplier
         self.inner_optimizer = optax.with_extra_args_support(inner_optimizer)
@@ -338,11 +337,11 @@ class F2SA:
         y_loop = _InnerLoop(inner_loss, self.inner_optimizer, None)
         z_loop = _InnerLoop(penalized, self.inner_optimizer, None)
         y_context, z_context = (hparams,), (hparams, multiplier)
-        y_start = _start(state.y, state.y_opt_state)
-        z_start = _start(state.z, state.z_opt_state)
+        y_start = _f2sa_parts.start_position(state.y, state.y_opt_state)
+        z_start = _f2sa_parts.start_position(state.z, state.z_opt_state)
         y_memory, z_memory = state.y_memory, state.z_memory
         if self.momentum is None and self.batched_solves:
-            y_end, z_end = _run_batched(
+            y_end, z_end = _f2sa_parts.run_batched(
                 outer_loss,
                 inner_loss,
                 (y_loop, z_loop),
@@ -355,17 +354,31 @@ class F2SA:
             z_end = z_loop.run(z_context, z_start, self.inner_steps)
         else:
             started = state.count > 0
-            y_end, y_memory = self._run_with_momentum(
-                y_loop, y_context, y_start, (state.previous_hparams,), y_memory, started
+            y_end, y_memory = _f2sa_parts.run_with_momentum(
+                y_loop,
+                y_context,
+                y_start,
+                (state.previous_hparams,),
+                y_memory,
+                started,
+                self.momentum,
+                self.inner_steps,
             )
             previous = (state.previous_hparams, state.previous_multiplier)
-            z_end, z_memory = self._run_with_momentum(
-                z_loop, z_context, z_start, previous, z_memory, started
+            z_end, z_memory = _f2sa_parts.run_with_momentum(
+                z_loop,
+                z_context,
+                z_start,
+                previous,
+                z_memory,
+                started,
+                self.momentum,
+                self.inner_steps,
             )
         y_info = y_loop.diagnostics(y_end, (hparams,))
         z_info = z_loop.diagnostics(z_end, (hparams, multiplier))
 
-        estimate_at = functools.partial(_estimate, outer_loss, inner_loss)
+        estimate_at = functools.partial(_f2sa_parts.estimate, outer_loss, inner_loss)
         estimate = estimate_at(hparams, y_end.params, z_end.params, multiplier)
         if self.momentum is not None:
             # The recursive-momentum correction: this call's losses at the previous point.
@@ -400,42 +413,6 @@ class F2SA:
         )
         return estimate, new_state, F2SADiagnostics(y_info, z_info, multiplier, finite)
 
-    def _run_with_momentum(self, loop, context, start, previous_context, memory, started):
-        """The inner steps with recursive-momentum (STORM) directions, and the new memory.
-
-        Each step's direction is :math:`d_t = \\nabla\\ell(p_t) + (1 - \\eta)(d_{t-1} -
-        \\nabla\\ell(p_{t-1}))`, both gradients of this call's loss :math:`\\ell`; the previous
-        point of the first step is the last of the previous call, with its context
-        (hyperparameters, multiplier). With a loss that does not change between calls,
-        :math:`d_t` is the plain gradient.
-        """
-        keep = 1.0 - self.momentum
-
-        def body(carry, _):
-            params, opt_state, point, point_context, direction, active = carry
-            gradient = loop.gradient(params, context)
-            correction = jax.tree.map(
-                lambda d, g: d - g, direction, loop.gradient(point, point_context)
-            )
-            # A select, not a product: at the very first step the correction may be inf.
-            new_direction = jax.tree.map(
-                lambda g, c: jnp.where(active, g + keep * c, g), gradient, correction
-            )
-            params_next, opt_state = loop.step(context, params, opt_state, new_direction)
-            carry = (params_next, opt_state, params, context, new_direction, jnp.asarray(True))
-            return carry, None
-
-        point, direction = memory
-        # The previous context in this call's dtypes (an init from Python floats is weak).
-        previous_context = jax.tree.map(
-            lambda p, c: jnp.asarray(p, jnp.result_type(c)), previous_context, context
-        )
-        carry = (start.params, start.opt_state, point, previous_context, direction, started)
-        carry = jax.lax.scan(body, carry, None, length=self.inner_steps)[0]
-        params, opt_state, point, _, direction, _ = carry
-        end = _Position(params, opt_state, start.step + self.inner_steps)
-        return end, (point, direction)
-
     def _apply_policy(self, estimate, failed, report_operands):
         if self.on_failure == "ignore":
             return estimate
@@ -445,99 +422,6 @@ class F2SA:
             )
         report = functools.partial(_report, raise_error=self.on_failure == "raise")
         return report_on_failure(estimate, failed, report, *report_operands)
-
-
-def _run_batched(outer_loss, inner_loss, loops, contexts, starts, steps):
-    """Both solves in one ``scan``: the inner loss's gradient at ``y`` and ``z`` in one vmap."""
-    (y_loop, z_loop), (y_context, z_context) = loops, contexts
-    hparams, multiplier = z_context
-    inner_gradients = jax.vmap(jax.grad(inner_loss), in_axes=(0, None))
-    outer_gradient = jax.grad(outer_loss)
-
-    def body(carry, _):
-        (y, y_opt_state), (z, z_opt_state) = carry
-        both = inner_gradients(jax.tree.map(lambda a, b: jnp.stack([a, b]), y, z), hparams)
-        y_gradient = jax.tree.map(lambda g: g[0], both)
-        z_gradient = jax.tree.map(
-            lambda f, g: f / multiplier + g[1], outer_gradient(z, hparams), both
-        )
-        y_next = y_loop.step(y_context, y, y_opt_state, y_gradient)
-        z_next = z_loop.step(z_context, z, z_opt_state, z_gradient)
-        return (y_next, z_next), None
-
-    start = tuple((p.params, p.opt_state) for p in starts)
-    (y, z), _ = jax.lax.scan(body, start, None, length=steps)
-    return tuple(
-        _Position(params, opt_state, p.step + steps)
-        for (params, opt_state), p in zip((y, z), starts, strict=True)
-    )
-
-
-def _start(params, opt_state) -> _Position:
-    return _Position(params, opt_state, jnp.asarray(0, jnp.int32))
-
-
-def _estimate(outer_loss, inner_loss, hparams, y, z, multiplier):
-    """:math:`\\nabla_x f(z, x) + \\lambda(\\nabla_x g(z, x) - \\nabla_x g(y, x))`, by jax.grad."""
-
-    def at_z(x):
-        return outer_loss(z, x) + multiplier * inner_loss(z, x)
-
-    def at_y(x):
-        return multiplier * inner_loss(y, x)
-
-    return jax.tree.map(lambda a, b: a - b, jax.grad(at_z)(hparams), jax.grad(at_y)(hparams))
-
-
-def _check_multiplier(multiplier, check_steps):
-    if not callable(multiplier):
-        if isinstance(multiplier, bool):
-            raise TypeError(f"multiplier must be a number or a schedule, got {multiplier!r}.")
-        try:
-            value = float(multiplier)
-        except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
-            if isinstance(multiplier, jax.core.Tracer):
-                return  # a traced multiplier is checked by nothing but the diagnostics
-            raise TypeError(
-                "multiplier must be a number, a scalar array or a schedule (a callable of the "
-                f"outer step count), got multiplier={multiplier!r}."
-            ) from None
-        if not value > 0 or not math.isfinite(value):
-            raise ValueError(
-                "multiplier must be a finite number > 0 (the penalty lambda of F2SA), got "
-                f"multiplier={multiplier!r}."
-            )
-        return
-    counts = np.arange(check_steps + 1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            values = np.asarray(jax.vmap(multiplier)(jnp.asarray(counts)), dtype=float)
-        except Exception:  # a schedule written with Python control flow
-            values = np.asarray([float(multiplier(int(k))) for k in counts])
-    if values.shape != counts.shape:
-        raise ValueError(
-            "multiplier, a schedule, must return a scalar for each outer step count, got "
-            f"values of shape {values.shape[1:]}."
-        )
-    bad = np.flatnonzero(~(values > 0) | ~np.isfinite(values))
-    if bad.size:
-        k = int(bad[0])
-        raise ValueError(
-            f"multiplier must be finite and > 0 at every step, but the schedule gives "
-            f"multiplier({k}) = {float(values[k])!r}. Start the schedule at a positive value (for "
-            "example optax.linear_schedule(1.0, 1000.0, 1000))."
-        )
-    drops = np.flatnonzero(np.diff(values) < 0)
-    if drops.size:
-        k = int(drops[0])
-        raise ValueError(
-            f"multiplier must not decrease (F2SA's lambda only grows), but the schedule gives "
-            f"multiplier({k}) = {float(values[k])!r} > multiplier({k + 1}) = "
-            f"{float(values[k + 1])!r}. Use a "
-            "non-decreasing schedule, for example optax.linear_schedule(init, peak, steps) "
-            "with peak >= init, or a constant."
-        )
 
 
 def _report(failed, y_converged, z_converged, finite, multiplier, *, raise_error: bool) -> None:

@@ -80,5 +80,5 @@ def test_the_script_distills_one_image_per_class_that_beats_random_real_ones(tmp
     assert distilled > random + 10, cells
     assert ridge_distilled > ridge_random + 15, cells
     assert last < 0.6 * first, cells
-    assert cells[7] == "0", cells  # no inner or adjoint solve failed
+    assert cells[7:] == ["0", "0"], cells  # no solve failed, no outer step was skipped
     assert (tmp_path / "dataset_distillation.png").stat().st_size > 1000

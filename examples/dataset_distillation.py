@@ -23,11 +23,11 @@ the squared loss with ridge penalties :math:`\lambda` on :math:`W` and :math:`\m
 :math:`\delta` is a convex quadratic. For a given body :math:`\delta` the last layer is the
 ridge regression :math:`W^\star = \Phi_s^\top \alpha` with
 :math:`\alpha = (K_{ss} + \lambda I)^{-1}(Y_s - J_s\delta)` and :math:`K_{ss} = \Phi_s
-\Phi_s^\top`, so the body solves the profiled inner problem
+\Phi_s^\top`, so the body solves the profiled inner problem (:math:`n_s` synthetic images)
 
 .. math::
 
-   \delta^\star(X_s) = \arg\min_\delta \tfrac{\lambda}{2} \operatorname{tr}\big(
+   \delta^\star(X_s) = \arg\min_\delta \tfrac{\lambda}{2 n_s} \operatorname{tr}\big(
    (Y_s - J_s\delta)^\top (K_{ss} + \lambda I)^{-1} (Y_s - J_s\delta)\big)
    + \tfrac{\mu}{2} \lVert\delta\rVert^2,
 

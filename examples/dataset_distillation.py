@@ -62,8 +62,8 @@ sets of the same size (the same number of images per class), one per initializat
 ridge predictor's own test accuracy (the linearized model above at the same initializations,
 body fitted and last layer solved on the small set) is reported too.
 
-Default sizes: about 2.5 minutes on a loaded 2-core CPU for both sizes (an outer step took
-30 to 35 ms at 1 image per class and 190 to 240 ms at 10).
+Default sizes: 77 s to 2.5 minutes on a shared 2-core CPU for both sizes, depending on its load
+(an outer step took 12 to 35 ms at 1 image per class and 160 to 240 ms at 10).
 
 Run it from the repository root (it needs the ``examples`` extra: ``pip install
 "metaopt-jax[examples]"``)::

@@ -47,9 +47,9 @@ to one-hot targets, not to logits):
 Its gradient with respect to :math:`X_s` has a direct part (through :math:`K_{ss}`,
 :math:`K_{ts}` and :math:`J_s`) and an implicit part through :math:`\delta^\star`. Every outer
 step draws a fresh random initialization :math:`(\theta_0, W_0)` and a fresh batch, so the images
-cannot overfit one network's features (RCIG keeps a pool of networks at various stages of
-training for the same purpose; a fresh initialization each step is the simplest version). The
-labels and :math:`\lambda` stay fixed (RCIG can also learn them). The synthetic images start
+cannot overfit one network's features (methods of this family keep a pool of networks at
+several stages of training for the same purpose; a fresh initialization each step is the
+simplest version). The labels and :math:`\lambda` stay fixed. The synthetic images start
 from real training images picked at random, and Adam (``--outer_learning_rate``) updates them
 and :math:`\log\tau`.
 

@@ -128,7 +128,7 @@ class MethodResult(NamedTuple):
     test_accuracy: float
     train_loss: float  # cross-entropy only, without the decay
     step_seconds: float  # median of one compiled outer step (or training chunk)
-    ratio: float  # step_seconds over ordinary training's chunk of the same inner steps
+    ratio: float  # fastest outer step over the fastest chunk of ordinary training (paired)
     compile_seconds: float
     not_converged: int  # adjoint solves short of their tolerance (warnings)
     negative_curvature: int  # adjoint solves that met negative curvature (CG only)
@@ -542,7 +542,7 @@ def define_flags() -> None:
         "initial_decay", d.initial_decay, "Every decay's starting value.", lower_bound=0
     )
     flags.DEFINE_integer(
-        "neumann_steps", d.neumann_steps, "Terms of the Neumann series.", lower_bound=0
+        "neumann_steps", d.neumann_steps, "Terms of the Neumann series.", lower_bound=1
     )
     flags.DEFINE_integer("cg_maxiter", d.cg_maxiter, "CG's iteration cap.", lower_bound=1)
     flags.DEFINE_float("cg_tol", d.cg_tol, "Relative residual of the CG adjoint solve.")

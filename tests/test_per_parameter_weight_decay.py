@@ -146,9 +146,9 @@ def test_unknown_method_is_rejected():
 
 
 def test_the_script_runs_from_its_flags_and_reports_negative_curvature():
-    # The absl entry point (flags, main, the printed table) on 3 outer steps of a 64-16-10 MLP
-    # with ReLU: CG, undamped, meets negative curvature in every adjoint solve, and the table
-    # counts it.
+    # The absl entry point (flags, main, the printed table) on 3 outer steps (of 5 inner steps)
+    # of a 64-16-10 MLP with ReLU: CG, undamped, meets negative curvature in every adjoint
+    # solve, and the table counts it.
     command = [
         sys.executable,
         str(Path(ppwd.__file__)),
@@ -158,6 +158,8 @@ def test_the_script_runs_from_its_flags_and_reports_negative_curvature():
         "--num_validation=30",
         "--num_test=30",
         "--outer_steps=3",
+        "--inner_steps=5",
+        "--cg_maxiter=5",
         "--timing_repeats=0",
         "--progress=false",
     ]

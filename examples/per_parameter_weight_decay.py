@@ -490,7 +490,7 @@ def benchmark_row(config: DecayConfig | None = None) -> list[dict[str, str]]:
     """The benchmark suite's rows: the cost ratio and validation loss of each method.
 
     Runs ``config`` (default :data:`BENCHMARK_CONFIG`, the 64-128-10 MLP for 40 outer steps;
-    103 s at 50 outer steps on the shared 2-core CPU at load average 10, less on a quiet one)
+    26 s on the shared 2-core CPU at a load average of 1, about 90 s at a load average of 10)
     with :data:`BENCHMARK_METHODS` and returns one row per hypergradient method, its figures
     formatted.
     """

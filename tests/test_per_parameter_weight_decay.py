@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import per_parameter_weight_decay as ppwd
 
 # A smooth activation, so that the inner loss is twice differentiable everywhere and a solve can
-# be driven to a gradient norm of 1e-10 (with ReLU, gradient descent stalls near 3e-2 on kinks).
+# be driven to a gradient norm of 1e-12 (with ReLU, gradient descent stalled near 3e-2: kinks).
 SMOOTH = ppwd.DecayConfig(hidden=(8,), activation="tanh", num_train=50, num_validation=50)
 
 

@@ -51,11 +51,13 @@ medians over the solves that warned.
 Run it from the repository root (it needs the ``examples`` extra: ``pip install
 "metaopt-jax[examples]"``)::
 
-  python examples/per_parameter_weight_decay.py                 # 64-128-10, 9610 decays, ~2 min
-  python examples/per_parameter_weight_decay.py --hidden=1024,1024 --outer_steps=50
+  python examples/per_parameter_weight_decay.py                 # 64-128-10, 9,610 decays
+  python examples/per_parameter_weight_decay.py --hidden=1024,1024 --outer_steps=20
   python examples/per_parameter_weight_decay.py --helpfull      # every flag
 
-``--hidden=1024,1024`` is the 64-1024-1024-10 MLP: 1,126,410 parameters, as many decays.
+The default took 41 s on a 2-core CPU at a load average of 2.5 (about 170 s at 10).
+``--hidden=1024,1024`` is the 64-1024-1024-10 MLP: 1,126,410 parameters, as many decays; 20
+outer steps took 88 s there.
 """
 
 from __future__ import annotations

@@ -43,6 +43,7 @@ from absl import flags
 from jax.flatten_util import ravel_pytree
 
 from benchmarks import harness
+from metaopt import bilevel
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 METHODS = ("f2sa", "implicit_cg", "implicit_neumann", "unrolled", "truncated", "slbamm")
@@ -155,8 +156,6 @@ def _variant(hc, method: str, config, data) -> harness.Variant:
 
 def _inner_solve_variant(hc, config, data) -> harness.Variant:
     """The floor both methods share: the inner solve alone, ``inner_steps`` warm-started steps."""
-    from metaopt import bilevel
-
     weight_logits = jnp.zeros(data.x_train.shape[0], data.x_train.dtype)
 
     def step(params, data):

@@ -24,7 +24,12 @@ from the previous outer step, computes a hypergradient and takes an Adam step on
 methods (``--methods``) differ only in the hypergradient:
 
 - ``f2sa``: :class:`metaopt.bilevel.F2SA`, two warm-started first-order solves, no second
-  derivative (the multiplier grows as ``--multiplier + --multiplier_growth * step``);
+  derivative. The multiplier is :math:`\lambda_k = (a + b k)/\mu` at outer step :math:`k`
+  (``--multiplier`` :math:`a`, ``--multiplier_growth`` :math:`b`): F2SA's analysis asks for
+  :math:`\lambda \ge 2 L_f/\mu_g`, with :math:`L_f` the outer gradient's Lipschitz constant
+  (about 0.86 here) and :math:`\mu_g = \mu` the inner strong convexity, and its bias shrinks as
+  :math:`1/\lambda` times a constant that grows as :math:`\mu` shrinks, so the schedule is
+  written in units of :math:`1/\mu`;
 - ``implicit_cg``: implicit differentiation, adjoint system solved by conjugate gradient;
 - ``implicit_neumann``: implicit differentiation with a truncated Neumann series
   (``--neumann_steps`` terms, scale the inner learning rate);
@@ -93,8 +98,8 @@ class CleaningConfig(NamedTuple):
     inner_steps: int = 30
     outer_steps: int = 200
     outer_learning_rate: float = 0.1
-    multiplier: float = 10.0
-    multiplier_growth: float = 0.5
+    multiplier: float = 1.0  # F2SA's lambda_0, in units of 1 / l2
+    multiplier_growth: float = 0.01  # its growth per outer step, in units of 1 / l2
     neumann_steps: int = 30
     truncated_steps: int = 10
     slbamm_learning_rate: float = 30.0
@@ -204,7 +209,7 @@ def make_outer_step(method: str, config: CleaningConfig, optimizer) -> tuple[Cal
     inner_optimizer = optax.sgd(config.inner_learning_rate)
     if method == "f2sa":
         f2sa = bilevel.F2SA(
-            multiplier=lambda k: config.multiplier + config.multiplier_growth * k,
+            multiplier=lambda k: (config.multiplier + config.multiplier_growth * k) / config.l2,
             inner_optimizer=inner_optimizer,
             inner_steps=config.inner_steps,
         )
@@ -403,9 +408,14 @@ def define_flags() -> None:
     flags.DEFINE_float(
         "outer_learning_rate", d.outer_learning_rate, "Outer Adam learning rate.", lower_bound=0
     )
-    flags.DEFINE_float("multiplier", d.multiplier, "F2SA's first multiplier.", lower_bound=0)
     flags.DEFINE_float(
-        "multiplier_growth", d.multiplier_growth, "F2SA's multiplier growth per outer step."
+        "multiplier", d.multiplier, "F2SA's first multiplier, times --l2.", lower_bound=0
+    )
+    flags.DEFINE_float(
+        "multiplier_growth",
+        d.multiplier_growth,
+        "F2SA's multiplier growth per outer step, times --l2.",
+        lower_bound=0,
     )
     flags.DEFINE_integer(
         "neumann_steps", d.neumann_steps, "Terms of the Neumann series.", lower_bound=1

@@ -16,14 +16,13 @@ TINY = hypercleaning.CleaningConfig(
     outer_steps=60,
     inner_steps=20,
     eval_steps=500,
-    multiplier_growth=1.0,
 )
 
 
 def test_f2sa_implicit_cg_and_slbamm_down_weight_the_corrupted_examples():
     # Measured (float64, seed 0, 150 of the 300 training labels corrupted):
     #   method        test accuracy  precision  recall  flagged (weight < 0.1)
-    #   f2sa          82.7%          91.3%      76.7%   126
+    #   f2sa          86.1%          93.8%      80.0%   128
     #   implicit_cg   83.8%          90.7%      78.0%   129
     #   slbamm        90.3%          91.2%      89.3%   147
     #   no_weights    56.3%          -          0.0%    0
@@ -38,7 +37,7 @@ def test_f2sa_implicit_cg_and_slbamm_down_weight_the_corrupted_examples():
         assert r.precision > 0.8 and r.recall > 0.6, (name, r.precision, r.recall)
         assert r.warnings == 0 and r.step_seconds > 0
     # F2SA's estimate is within O(1/lambda) of the implicit hypergradient: the two methods end
-    # with nearly the same weights (measured correlation 0.983).
+    # with nearly the same weights (measured correlation 0.974).
     f2sa, cg = results["f2sa"].weights, results["implicit_cg"].weights
     assert np.corrcoef(f2sa, cg)[0, 1] > 0.95
     table = hypercleaning.markdown_table(results)

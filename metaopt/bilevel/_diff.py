@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from metaopt.implicit import CG, LinearSolver
+from metaopt.implicit import CG, Factorized, LinearSolver
 
 OnFailure = Literal["warn", "nan", "raise", "ignore"]
 _POLICIES = ("warn", "nan", "raise", "ignore")
@@ -178,6 +178,14 @@ class Implicit:
     atol: float | None = None
 
     def __post_init__(self):
+        if isinstance(self.linear_solver, Factorized):
+            raise ValueError(
+                "linear_solver=Factorized(...) needs a factorization of the inner Hessian "
+                "computed by the solver, and bilevel.solve's inner loop (an optax transform) "
+                "computes none. Write the inner solver yourself and decorate it with "
+                "metaopt.implicit.custom_root(..., solve=Factorized(...), has_aux=True), or "
+                "use Implicit(Dense()) for a small problem."
+            )
         for name in ("rtol", "atol"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not value >= 0):

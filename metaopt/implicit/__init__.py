@@ -3,6 +3,7 @@
 from metaopt.implicit._bicgstab import BiCGSTAB
 from metaopt.implicit._cg import CG, NormalCG
 from metaopt.implicit._custom_root import custom_fixed_point, custom_root
+from metaopt.implicit._factorized import Factorized
 from metaopt.implicit._failure import ImplicitDifferentiationWarning
 from metaopt.implicit._gmres import GMRES
 from metaopt.implicit._linear_solve_info import LinearSolveInfo, LinearSolver
@@ -16,6 +17,7 @@ __all__ = [
     "MINRES",
     "BiCGSTAB",
     "Dense",
+    "Factorized",
     "ImplicitDifferentiationWarning",
     "LinearSolveInfo",
     "LinearSolver",

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from metaopt.implicit import _linear_solve_info as lsi
 from metaopt.implicit._cg import CG
+from metaopt.implicit._factorized import Factorized, split_state
 from metaopt.implicit._failure import POLICIES, OnFailure, apply_policy
 from metaopt.implicit._failure import (
     ImplicitDifferentiationWarning as ImplicitDifferentiationWarning,
@@ -115,7 +116,9 @@ def custom_root(
       solve: linear solver for :math:`\partial_x F`: a :mod:`metaopt.implicit` solver
         (:class:`CG` if None), or a jaxopt-style function ``solve(matvec, b) -> x`` such as
         ``jaxopt.linear_solve.solve_cg``, whose solution counts as failed only when it is not
-        finite (it reports no tolerance).
+        finite (it reports no tolerance). :class:`Factorized` solves with a factorization
+        of :math:`\partial_x F` that the solver returns as ``aux`` (``has_aux=True``): two
+        triangular solves for a Cholesky factor, instead of an iterative solve.
       has_aux: the solver returns ``(x_star, aux)``.
       on_failure: ``"warn"``, ``"nan"``, ``"raise"`` or ``"ignore"``.
       reference_signature: jaxopt's argument, accepted so jaxopt programs run unchanged: a
@@ -127,6 +130,12 @@ def custom_root(
     """
     linear_solver = linear_solver_of(solve, CG)
     check_policy(on_failure)
+    factorized = isinstance(linear_solver, Factorized)
+    if factorized and not has_aux:
+        raise ValueError(
+            "solve=Factorized(...) solves with the factorization the solver returns as aux, "
+            "got has_aux=False. Return (x_star, aux) from the solver and pass has_aux=True."
+        )
     reference = None if reference_signature is None else _signature_of(reference_signature)
 
     def decorator(solver: Callable[..., Any]) -> Callable[..., Any]:
@@ -149,10 +158,17 @@ def custom_root(
                 solution, aux = out
             else:
                 solution, aux = out, None
+            aux = _primal(aux)
             solution = implicit_solution(
-                optimality_fn, _primal(solution), args[1:], kwargs, linear_solver, on_failure
+                optimality_fn,
+                _primal(solution),
+                args[1:],
+                kwargs,
+                linear_solver,
+                on_failure,
+                state=aux if factorized else None,
             )
-            return (solution, _primal(aux)) if has_aux else solution
+            return (solution, aux) if has_aux else solution
 
         return wrapped
 
@@ -189,7 +205,9 @@ def custom_fixed_point(
 
     Args:
       fixed_point_fn: :math:`T(x, *args, **kwargs)`, same structure as :math:`x`.
-      solve: linear solver for :math:`\partial_x T - I`; :class:`GMRES` if None.
+      solve: linear solver for :math:`\partial_x T - I`; :class:`GMRES` if None;
+        :class:`Factorized` with a factorization of :math:`\partial_x T - I` (sign included)
+        returned as ``aux``.
       has_aux: the solver returns ``(x_star, aux)``.
       on_failure: ``"warn"``, ``"nan"``, ``"raise"`` or ``"ignore"`` (see :func:`custom_root`).
       reference_signature: as in :func:`custom_root` (jaxopt's argument; None checks nothing).
@@ -217,8 +235,20 @@ def implicit_solution(
     kwargs: dict,
     linear_solver: LinearSolver,
     on_failure: OnFailure,
+    state: Any = None,
 ) -> Any:
-    """``solution``, differentiated with respect to ``args`` and ``kwargs`` as a root of F."""
+    """``solution``, differentiated with respect to ``args`` and ``kwargs`` as a root of F.
+
+    ``state`` is what a :class:`Factorized` linear solver solves with (the solver's aux);
+    other linear solvers take none.
+    """
+    if isinstance(linear_solver, Factorized) and state is None:
+        raise TypeError(
+            "Factorized needs the solver's factorization, got none: a solver decorated by "
+            "custom_root or custom_fixed_point with has_aux=True must return (x_star, aux) "
+            "with aux not None; root_vjp and root_jvp take a matrix-free linear solver such "
+            "as CG()."
+        )
     keys = tuple(sorted(kwargs))
     values = tuple(kwargs[k] for k in keys)
 
@@ -229,8 +259,9 @@ def implicit_solution(
     # the optimality condition like arguments (custom_jvp cannot see closures).
     residual, consts = closure_convert(residual, solution, args, values)
     _check_optimality_output(residual, solution, args, values, consts)
-    implicit = _implicit_rule(residual, linear_solver, on_failure)
-    return implicit(solution, args, values, tuple(consts))
+    arrays, rebuild = split_state(state)
+    implicit = _implicit_rule(residual, linear_solver, on_failure, rebuild)
+    return implicit(solution, args, values, tuple(consts), arrays)
 
 
 def closure_convert(fun: Callable[..., Any], *example_args: Any) -> tuple[Callable, list]:
@@ -265,21 +296,23 @@ def closure_convert(fun: Callable[..., Any], *example_args: Any) -> tuple[Callab
     return converted, [consts[i] for i in hoisted]
 
 
-def _implicit_rule(residual, linear_solver, on_failure):
-    """The custom_jvp identity ``(x, args, values, consts) -> x`` carrying the implicit JVP."""
+def _implicit_rule(residual, linear_solver, on_failure, rebuild_state):
+    """The custom_jvp identity ``(x, args, values, consts, state) -> x`` carrying the implicit
+    JVP; ``state`` holds the array leaves of a :class:`Factorized` solver's aux (primal data,
+    its tangents ignored), empty for other solvers."""
 
     @jax.custom_jvp
-    def implicit(x, args, values, consts):
-        del args, values, consts
+    def implicit(x, args, values, consts, state):
+        del args, values, consts, state
         return x
 
     @implicit.defjvp
     def implicit_jvp(primals, tangents):
-        x, args, values, consts = primals
-        _, args_dot, values_dot, consts_dot = tangents
+        x, args, values, consts, state = primals
+        _, args_dot, values_dot, consts_dot, _ = tangents
         # Applying the rule to the primals again gives x its implicit derivative at any outer
         # level of differentiation (second derivatives); x's own tangent is ignored.
-        x = implicit(x, args, values, consts)
+        x = implicit(x, args, values, consts, state)
 
         def theta_part(args, values, consts):
             return residual(x, args, values, *consts)
@@ -290,16 +323,23 @@ def _implicit_rule(residual, linear_solver, on_failure):
         def matvec(u):
             return jax.jvp(lambda y: residual(y, args, values, *consts), (x,), (u,))[1]
 
-        def solve_with_policy(operator, b):
-            solution, info = linear_solver(operator, b)
-            budgeted = getattr(linear_solver, "fixed_iterations", False)
-            return apply_policy(solution, info, on_failure, budgeted=budgeted)
+        def with_policy(solver):
+            def solve(operator, b):
+                solution, info = solver(operator, b)
+                budgeted = getattr(solver, "fixed_iterations", False)
+                return apply_policy(solution, info, on_failure, budgeted=budgeted)
 
+            return solve
+
+        if isinstance(linear_solver, Factorized):
+            solve, transpose_solve = linear_solver.bind(rebuild_state(state))
+        else:
+            solve = transpose_solve = linear_solver
         x_dot = jax.lax.custom_linear_solve(
             matvec,
             lsi.scale(-1.0, rhs),
-            solve=solve_with_policy,
-            transpose_solve=solve_with_policy,
+            solve=with_policy(solve),
+            transpose_solve=with_policy(transpose_solve),
             symmetric=linear_solver.symmetric,
         )
         return x, x_dot

@@ -117,6 +117,8 @@ def test_tiny_run_writes_report_section(tmp_path, shard):
 IMPLICIT_ROWS = [
     "metaopt custom_root + CG",
     'metaopt, on_failure="ignore"',
+    "metaopt custom_root + reused Cholesky factor",
+    "metaopt, reused factor, check=True",
     "jaxopt custom_root + solve_cg",
     "closed form: autodiff of jnp.linalg.solve",
     "forward only (Cholesky)",
@@ -160,7 +162,7 @@ def test_tiny_implicit_run_writes_its_own_section(tmp_path):
         _median(ridge[name][0])
         _number(ridge[name][1])  # ratio to jaxopt
     assert ridge["jaxopt custom_root + solve_cg"][1] == "1.00 [1.00–1.00]"
-    for name in IMPLICIT_ROWS[:3]:
+    for name in IMPLICIT_ROWS[:5]:
         # The ratio of the differentiation parts (time minus the forward-only time): at this
         # tiny size the difference is within timing noise and may come out negative, so only
         # its being a number is checked.
@@ -168,12 +170,13 @@ def test_tiny_implicit_run_writes_its_own_section(tmp_path):
         values = [float(t) for t in re.split(r"[\s\[\]–]+", cell) if t]
         assert values and all(math.isfinite(v) for v in values), cell
     # Same CG recurrence, budget and tolerance (1e-5): both implicit derivatives agree with the
-    # float64 closed form to about the tolerance times the condition number, and so does the
-    # float32 closed form.
-    for name in IMPLICIT_ROWS[:4]:
+    # float64 closed form to about the tolerance times the condition number, and so do the
+    # reused Cholesky factor and the float32 closed form.
+    for name in IMPLICIT_ROWS[:6]:
         assert _error(ridge[name][5]) < 1e-3, (name, ridge[name][5])
     assert _error(ridge["closed form: autodiff of jnp.linalg.solve"][4]) == 0
     assert text.count('on_failure="warn" ÷ on_failure="ignore" = ') == 1
+    assert text.count("Reusing the forward Cholesky factor: ÷ jaxopt = ") == 1
 
     # One row per (k, diff), k = 3 then 30; the table is keyed by its first cell, k.
     lines = text.splitlines()

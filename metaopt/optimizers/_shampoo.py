@@ -8,7 +8,6 @@ Distributed Shampoo Optimizer for Training Neural Networks At-Scale", 2023 (arXi
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -19,59 +18,14 @@ import optax
 from metaopt.optimizers import _common
 from metaopt.optimizers._blocking import Blocking, BlockPlan, grid_sharding, place, plan_blocks
 from metaopt.optimizers._common import ScalarOrSchedule
-from metaopt.optimizers._matrix_root import matrix_inverse_pth_root
+from metaopt.optimizers._shampoo_config import Grafting, check_whole, exponent_rule
+from metaopt.optimizers._shampoo_roots import stacked_inverse_roots
 from metaopt.optimizers._tree_checks import (
     STATE_FOR_OTHER_PARAMS,
     NotParameterShaped,
     check_matching,
     is_params_placeholder,
 )
-
-_GRAFTING_KINDS = ("none", "sgd", "adagrad", "rmsprop", "adam")
-
-
-@dataclasses.dataclass(frozen=True)
-class Grafting:
-    """The diagonal method whose step size Shampoo borrows, block by block.
-
-    Shampoo's direction is rescaled in every block to the norm the grafted method's step would
-    have there (Agarwal et al., "Disentangling Adaptive Gradient Methods from Learning Rates",
-    2020), so learning rates and schedules tuned for the grafted method carry over. Before
-    ``start_preconditioning_step``, and for tensors with no preconditioned axis, the grafted
-    method's step is taken as it is.
-
-    Example:
-      >>> import jax.numpy as jnp, metaopt
-      >>> # SGD grafting: Shampoo's direction takes the norm of the momentum step, block by block,
-      >>> # and keeps no second moment of its own (Adam grafting keeps one like the parameters).
-      >>> sgd = metaopt.scale_by_shampoo(grafting=metaopt.Grafting(kind="sgd"))
-      >>> adam = metaopt.scale_by_shampoo(grafting=metaopt.Grafting(kind="adam"))
-      >>> sgd.init(jnp.zeros(3)).graft, adam.init(jnp.zeros(3)).graft.shape
-      ((), (3,))
-
-    Attributes:
-      kind: ``"adam"`` (default; with Shampoo's ``b1`` as Adam's beta1), ``"rmsprop"`` (no bias
-        correction), ``"adagrad"`` (sum of squares), ``"sgd"`` (the first moment) or ``"none"``
-        (Shampoo's own step size; then the first moment is the step where Shampoo has none).
-      b2: second-moment rate of ``"adam"`` and ``"rmsprop"``.
-      eps: added to the square root of the second moment.
-    """
-
-    kind: Literal["none", "sgd", "adagrad", "rmsprop", "adam"] = "adam"
-    b2: float = 0.999
-    eps: float = 1e-8
-
-    def __post_init__(self):
-        if self.kind not in _GRAFTING_KINDS:
-            raise ValueError(
-                f"Grafting kind must be one of {_GRAFTING_KINDS}, got kind={self.kind!r}."
-            )
-        _common.check_range("Grafting b2", self.b2, 0.0, 1.0, fix="Use a rate in [0, 1).")
-        _common.check_nonnegative("Grafting eps", self.eps)
-
-    @property
-    def has_accumulator(self) -> bool:
-        return self.kind in ("adagrad", "rmsprop", "adam")
 
 
 class ScaleByShampooState(NamedTuple):
@@ -243,7 +197,7 @@ def scale_by_shampoo(
     if root_error_threshold is not None:
         _common.check_positive("root_error_threshold", root_error_threshold)
     _common.check_number_or_numbers("exponent_override", exponent_override)
-    exponent = _exponent_rule(exponent_override)
+    exponent = exponent_rule(exponent_override)
     blocking = Blocking() if blocking is None else blocking
     grafting = Grafting() if grafting is None else grafting
     if not isinstance(blocking, Blocking):
@@ -417,21 +371,28 @@ def scale_by_shampoo(
         correction = jnp.where(b2_t < 1.0, 1.0 - b2_t**updates_so_far, 1.0)
 
         def recompute():
+            matrices, exponents = [], []
+            for plan, stats in zip(plans, statistics, strict=True):
+                for s in stats:
+                    dtype = jnp.promote_types(s.dtype, jnp.float32)
+                    matrices.append(s.astype(dtype) / correction.astype(dtype))
+                    exponents.append(exponent(len(plan.preconditioned)))
+            computed = iter(
+                stacked_inverse_roots(
+                    matrices,
+                    exponents,
+                    damping=hyper["damping"],
+                    epsilon=hyper["eps_root"],
+                    method=root_method,
+                )
+            )
             failures = jnp.zeros([], jnp.int32)
             worst = jnp.zeros([], jnp.float32)
             out = []
-            for plan, stats, previous in zip(plans, statistics, previous_roots, strict=True):
-                p = exponent(len(plan.preconditioned))
+            for previous in previous_roots:
                 new = []
-                for s, old in zip(stats, previous, strict=True):
-                    dtype = jnp.promote_types(s.dtype, jnp.float32)
-                    root, info = matrix_inverse_pth_root(
-                        s.astype(dtype) / correction.astype(dtype),
-                        p,
-                        damping=hyper["damping"],
-                        epsilon=hyper["eps_root"],
-                        method=root_method,
-                    )
+                for old in previous:
+                    root, info = next(computed)
                     accept = info.finite
                     if root_error_threshold is not None:
                         accept &= info.relative_error <= root_error_threshold
@@ -566,45 +527,3 @@ def shampoo(
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
     )
-
-
-def check_whole(name: str, value: Any) -> None:
-    """A positive whole number of steps; an integer array from inject_hyperparams passes."""
-    _common.check_number(name, value, integer=True)  # a string: TypeError naming it
-    if isinstance(value, jax.Array) and jnp.issubdtype(value.dtype, jnp.integer):
-        if isinstance(value, jax.core.Tracer) or value.ndim:
-            return
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(
-            f"{name} must be a positive int (a number of steps), got {name}={value!r}."
-        )
-
-
-def _exponent_rule(override: int | Sequence[int] | None) -> Callable[[int], int]:
-    """Maps the number of preconditioned axes c to the root p (default 2c)."""
-    if override is None:
-        return lambda c: 2 * c
-    if isinstance(override, jax.Array):
-        raise TypeError(
-            "exponent_override sets the program's structure and cannot be an array; with "
-            "optax.inject_hyperparams list it in static_args."
-        )
-    if isinstance(override, int) and not isinstance(override, bool):
-        if override < 1:
-            raise ValueError(
-                f"exponent_override must be a positive int, got exponent_override={override}."
-            )
-        return lambda c: override
-    try:
-        entries = [int(e) for e in override]
-    except TypeError:
-        raise TypeError(
-            f"exponent_override must be None, an int or a sequence of ints, got "
-            f"exponent_override={override!r}."
-        ) from None
-    if any(e < 0 for e in entries):
-        raise ValueError(
-            f"exponent_override entries must be >= 0 (0 keeps the default), got {entries}."
-        )
-    return lambda c: entries[c - 1] if c <= len(entries) and entries[c - 1] > 0 else 2 * c

@@ -307,7 +307,8 @@ def benchmark_ridge_hypergradient(
         f"forward-only step (Cholesky solve and validation loss), leaving the cost of "
         f"differentiating; its ratio's interval is bootstrapped like the others. metaopt's "
         f'default failure policy (`on_failure="warn"`) tests on the device whether the adjoint '
-        f"solve converged and calls the host (`jax.debug.callback`) only when it did not; the "
+        f"solve converged and calls the host (`jax.pure_callback` under a `lax.cond`) only "
+        f"when it did not; the "
         f'`on_failure="ignore"` row is the same derivative without the test. Errors are '
         f"‖g − g_ref‖/‖g_ref‖ against the closed form in {dtype.name} and against the exact "
         f"hypergradient of the same G and Xᵀy/n solved in float64 NumPy.\n\n" + table + "\n"

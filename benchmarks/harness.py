@@ -28,6 +28,7 @@ import gc
 import math
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -510,6 +511,18 @@ def write_section(path: Path, name: str, body: str) -> None:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def read_sections(path: Path) -> dict[str, str]:
+    """The generated sections of the report at ``path``, by name, in file order.
+
+    Each value is the text :func:`write_section` put between the section's markers, so
+    ``write_section(other, name, body)`` copies a section into another report.
+    """
+    pattern = re.compile(
+        r"<!-- BEGIN GENERATED: (.+?) -->\n(.*?)\n<!-- END GENERATED: \1 -->", re.DOTALL
+    )
+    return {match[1]: match[2] for match in pattern.finditer(path.read_text())}
 
 
 def log(message: str) -> None:

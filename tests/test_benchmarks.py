@@ -104,6 +104,9 @@ def test_tiny_run_writes_report_section(tmp_path, shard):
     ]:
         _number(ademamix[label][2])  # the ratio column
     assert _number(ademamix["fraction of copy bandwidth"][0]) > 0
+    # The report explains XLA:CPU's one kernel per output (m1, m2, nu, parameter): keep it true.
+    kernels = ademamix["XLA kernels writing parameter-sized arrays, per leaf"]
+    assert kernels[:3] == ["4", "4", "1.00"], kernels
 
     sam = _table(text, "step")
     assert list(sam) == SAM_ROWS
@@ -445,3 +448,49 @@ def test_tiny_bilevel_run_writes_its_own_section(tmp_path):
     assert _kib(memory["unrolled"][1]) > 1.5 * _kib(memory["unrolled"][0])
     for method in ("f2sa", "implicit_cg"):
         assert memory[method][0] == memory[method][1], memory[method]
+
+
+ACCELERATOR = ROOT / "benchmarks" / "accelerator.sh"
+SECTION = re.compile(r"<!-- BEGIN GENERATED: (.+?) -->\n(.*?)\n<!-- END GENERATED: \1 -->", re.S)
+
+
+def _accelerator(*arguments: str) -> None:
+    completed = subprocess.run(
+        ["bash", str(ACCELERATOR), *arguments],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHON=sys.executable, PYTHONWARNINGS="error"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+
+
+def test_accelerator_script_writes_its_sections_beside_the_cpu_ones(tmp_path):
+    device_report = tmp_path / "device.md"
+    device_report.write_text(INTRO + OTHER_SECTION)
+    # Every suite's tiny flags are parsed and validated, but only the fastest suite runs: all
+    # six take minutes even at the tiny sizes (compilation), and each has its own tiny test.
+    _accelerator("--tiny", f"--output={device_report}", "--suite=optimizers")
+
+    # The CPU section is left as it was; the suite adds its own "(accelerator)" section.
+    assert device_report.read_text().startswith(INTRO + OTHER_SECTION)
+    sections = dict(SECTION.findall(device_report.read_text()))
+    names = ["optimizers (accelerator)"]
+    assert list(sections) == ["shampoo", *names]
+    for name in names:
+        body = sections[name]
+        assert body.startswith(f"## {name}\n"), body[:200]
+        assert "This suite failed" not in body, body
+        assert "'--section_suffix= (accelerator)'" in body
+        assert _table(body, "machine")["device kind"]
+        assert re.search(r"This suite ran in \d+ s", body)
+
+    # --merge brings the device's sections into this machine's report, keeping its own.
+    report = tmp_path / "benchmarks.md"
+    cpu_section = OTHER_SECTION.replace("shampoo table", "CPU shampoo table")
+    report.write_text(INTRO + cpu_section)
+    _accelerator("--merge", str(device_report), f"--output={report}")
+    assert report.read_text().startswith(INTRO + cpu_section)
+    merged = dict(SECTION.findall(report.read_text()))
+    assert merged == {**sections, "shampoo": "CPU shampoo table"}

@@ -51,7 +51,7 @@ _ADEMAMIX_HYPERPARAMETERS = dict(
     learning_rate=1e-3, b1=0.9, b2=0.999, b3=0.9999, alpha=5.0, eps=1e-8, weight_decay=0.0
 )
 _LEARNING_RATE, _MOMENTUM, _RHO = 0.01, 0.9, 0.05
-_BANDWIDTH_TARGET, _ADEMAMIX_TIME_TARGET, _SAM_TIME_TARGET = 0.8, 1.05, 1.1
+_BANDWIDTH_TARGET, _ADEMAMIX_TIME_TARGET, _SAM_TIME_TARGET = 0.85, 1.05, 1.1
 
 
 def run_suite(settings: harness.Settings) -> str:
@@ -290,7 +290,11 @@ def benchmark_ademamix(num_params: int, num_leaves: int, settings: harness.Setti
         f"the three moments and writes the four new arrays would move the 9 buffers; XLA:CPU "
         f"makes one kernel per output (m1, m2, nu: each reads the gradient; the parameter: reads "
         f"the three new moments again), 14 buffers, which caps the step at 9/14 = 64 % of copy "
-        f"bandwidth. XLA:GPU's multi-output fusion can merge them into one.\n"
+        f"bandwidth. XLA:GPU's multi-output fusion can merge them into one. On the CPU, "
+        f"`XLA_FLAGS=--xla_backend_extra_options=xla_cpu_use_multi_output_fusion` (process-wide; "
+        f"no per-function option exists) merges the three moment kernels of each leaf into one "
+        f"(sibling fusion: the gradient is read once) and the parameter kernels of all leaves "
+        f"into one: 12 buffers, with bit-identical results.\n"
     )
 
 

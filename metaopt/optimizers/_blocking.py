@@ -104,12 +104,7 @@ class BlockPlan:
 
     def to_blocks(self, x: jax.Array) -> jax.Array:
         """``[*shape] -> [*counts, *lengths]`` (zero-padded)."""
-        x = x.reshape(self.merged)
-        padding = [
-            (0, n * b - d) for n, b, d in zip(self.counts, self.lengths, self.merged, strict=True)
-        ]
-        if any(high for _, high in padding):
-            x = jnp.pad(x, padding)
+        x = self._padded(x)
         k = len(self.merged)
         x = x.reshape([s for n, b in zip(self.counts, self.lengths, strict=True) for s in (n, b)])
         return x.transpose([2 * i for i in range(k)] + [2 * i + 1 for i in range(k)])
@@ -154,6 +149,31 @@ class BlockPlan:
         k = len(self.merged)
         axes = tuple(range(k, 2 * k))
         return safe_sqrt(jnp.sum(jnp.square(blocks), axis=axes))
+
+    def tensor_block_norms(self, x: jax.Array) -> jax.Array:
+        """:meth:`block_norms` of ``to_blocks(x)``, read in the tensor's own layout: the blocks
+        are never transposed into a stack (a copy of the tensor), only summed in place."""
+        x = self._padded(x)
+        k = len(self.merged)
+        x = x.reshape([s for n, b in zip(self.counts, self.lengths, strict=True) for s in (n, b)])
+        return safe_sqrt(jnp.sum(jnp.square(x), axis=tuple(2 * i + 1 for i in range(k))))
+
+    def per_block_to_tensor(self, values: jax.Array) -> jax.Array:
+        """Spreads one value per block, ``[*counts]``, over the block's entries: ``[*shape]``."""
+        x = values.reshape([s for n in self.counts for s in (n, 1)])
+        x = jnp.broadcast_to(
+            x, [s for n, b in zip(self.counts, self.lengths, strict=True) for s in (n, b)]
+        )
+        x = x.reshape([n * b for n, b in zip(self.counts, self.lengths, strict=True)])
+        return x[tuple(slice(0, d) for d in self.merged)].reshape(self.shape)
+
+    def _padded(self, x: jax.Array) -> jax.Array:
+        """``x`` in the merged shape, zero-padded to whole blocks."""
+        x = x.reshape(self.merged)
+        padding = [
+            (0, n * b - d) for n, b, d in zip(self.counts, self.lengths, self.merged, strict=True)
+        ]
+        return jnp.pad(x, padding) if any(high for _, high in padding) else x
 
     def matrix_shapes(self) -> tuple[tuple[int, ...], ...]:
         """Shapes of the per-axis statistics: ``[*counts, b_i, b_i]``."""

@@ -415,15 +415,16 @@ def scale_by_shampoo(
         blocks = plan.multiply(plan.to_blocks(m_hat), factors)
         if grafting.kind == "none":
             return plan.from_blocks(blocks)
-        graft_blocks = plan.to_blocks(graft_step)
+        # The grafted step stays in the parameter's layout (its norms are summed in place and
+        # the choice below is made there): one copy of the tensor fewer than moving it into
+        # blocks and back.
         shampoo_norm = plan.block_norms(blocks)
-        graft_norm = plan.block_norms(graft_blocks)
+        graft_norm = plan.tensor_block_norms(graft_step)
         positive = shampoo_norm > 0
         scale = graft_norm / jnp.where(positive, shampoo_norm, 1.0)
-        k = len(plan.merged)
-        expand = (...,) + (None,) * k
-        grafted = jnp.where(positive[expand], blocks * scale[expand], graft_blocks)
-        return plan.from_blocks(grafted)
+        expand = (...,) + (None,) * len(plan.merged)
+        scaled = plan.from_blocks(blocks * scale[expand])
+        return jnp.where(plan.per_block_to_tensor(positive), scaled, graft_step)
 
     return optax.GradientTransformation(init_fn, update_fn)
 

@@ -266,6 +266,11 @@ def test_tiny_shampoo_run_writes_its_section_and_plots(tmp_path):
         "**missed**",
         "**missed** (within noise)",
     )
+    # FLOP rates: the gradient step against Shampoo's block matmuls alone, in the same rounds.
+    rates = _table(text, "computation")
+    assert list(rates) == [SHAMPOO_STEPS[0], "Shampoo's block matmuls, block 16"]
+    for cells in rates.values():
+        _median(cells[1])
     loops = _table(text, "loop of 4 steps")
     assert list(loops) == ["optax.adam", "metaopt.shampoo, block 16", "metaopt.soap, block 16"]
     for cells in loops.values():

@@ -198,6 +198,30 @@ def test_a_stale_factor_is_caught_by_the_check():
         jax.jvp(lambda q: _reused(q, solve=checked), (LOG_PENALTY,), (LOG_PENALTY,))
 
 
+def test_a_failed_factorization_is_reported_not_returned_as_a_number():
+    # Cholesky of a matrix that is not positive definite gives a NaN factor: the adjoint
+    # solution is then non-finite, which every policy treats as a failure (no check needed).
+    @custom_root(optimality, solve=Factorized(cho_solve, symmetric=True), has_aux=True)
+    def solver(init, log_penalty):
+        del init
+        w = jnp.linalg.solve(_hessian(log_penalty), MOMENT)
+        return w, cho_factor(-_hessian(log_penalty))  # the factorization failed
+
+    loss = _outer(lambda p: solver(None, p)[0])
+    with pytest.warns(ImplicitDifferentiationWarning):
+        grad = jax.grad(loss)(LOG_PENALTY)
+    assert not np.isfinite(grad).all()
+
+
+def test_huge_and_zero_penalties_stay_exact():
+    # Penalties of 1e13 (the solution near zero) and of exp(-30) (near the unpenalized fit).
+    for log_penalty in (jnp.full(_FEATURES, 30.0), jnp.full(_FEATURES, -30.0)):
+        reused = jax.grad(_outer(_reused))(log_penalty)
+        closed = jax.grad(_outer(_closed_form))(log_penalty)
+        assert np.isfinite(reused).all()
+        np.testing.assert_allclose(reused, closed, rtol=1e-8, atol=1e-30)
+
+
 def test_a_nan_cotangent_gives_nan():
     def loss(p):
         return jnp.sum(_reused(p, on_failure="ignore")) * jnp.nan

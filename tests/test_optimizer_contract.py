@@ -200,25 +200,35 @@ def test_inject_hyperparams_gives_identical_updates(name):
     assert entry.key in state.hyperparams
 
 
-@pytest.mark.parametrize("hyperparameter", ["learning_rate", "key"])
 @pytest.mark.parametrize("name", NAMES)
-def test_hyperparameter_gradient_matches_finite_differences(name, hyperparameter):
+def test_hyperparameter_gradient_matches_finite_differences(name):
+    """The gradient of the loss after 8 steps with respect to the learning rate and to the
+    method's key hyperparameter, each against central differences.
+
+    One compiled program (the loss and its gradient with respect to both hyperparameters)
+    serves all five evaluations: its loss output gives the finite differences, so the check
+    costs one compilation instead of four while comparing the same numbers as before.
+    """
     entry = ENTRY_BY_NAME[name]
     loss, params, _ = _mlp(jnp.float64)
-    lr0, key0 = 0.01, entry.key_value
+    x0 = {"learning_rate": 0.01, "key": entry.key_value}
 
-    def loss_after_steps(value):
-        lr, key = (value, key0) if hyperparameter == "learning_rate" else (lr0, value)
-        final, _, _ = _run(entry.make(lr, key), loss, params, 8)
+    def loss_after_steps(values):
+        final, _, _ = _run(entry.make(values["learning_rate"], values["key"]), loss, params, 8)
         return loss(final)
 
-    x0 = lr0 if hyperparameter == "learning_rate" else key0
-    analytic = float(jax.jit(jax.grad(loss_after_steps))(jnp.float64(x0)))
-    h = 1e-5 * x0
-    f = jax.jit(loss_after_steps)
-    numeric = (float(f(jnp.float64(x0 + h))) - float(f(jnp.float64(x0 - h)))) / (2 * h)
-    assert abs(numeric) > 1e-8, "the hyperparameter must influence the loss in this check"
-    np.testing.assert_allclose(analytic, numeric, rtol=1e-5)
+    value_and_grad = jax.jit(jax.value_and_grad(loss_after_steps))
+    point = {k: jnp.float64(v) for k, v in x0.items()}
+    _, analytic = value_and_grad(point)
+    for hyperparameter, value in x0.items():
+        h = 1e-5 * value
+        plus, _ = value_and_grad({**point, hyperparameter: jnp.float64(value + h)})
+        minus, _ = value_and_grad({**point, hyperparameter: jnp.float64(value - h)})
+        numeric = (float(plus) - float(minus)) / (2 * h)
+        assert abs(numeric) > 1e-8, f"{hyperparameter} must influence the loss in this check"
+        np.testing.assert_allclose(
+            float(analytic[hyperparameter]), numeric, rtol=1e-5, err_msg=hyperparameter
+        )
 
 
 @pytest.mark.parametrize("name", NAMES)

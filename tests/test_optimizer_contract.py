@@ -325,12 +325,17 @@ def test_zero_gradient_gives_finite_updates_and_state(name):
     entry = ENTRY_BY_NAME[name]
     params = {"w": jnp.ones((3, 2), jnp.float32), "b": jnp.zeros(2, jnp.float32)}
     tx = _with_extra_args(entry.make(0.01, entry.key_value))
-    state = tx.init(params)
     zeros = jax.tree.map(jnp.zeros_like, params)
-    for _ in range(3):
-        updates, state = tx.update(zeros, state, params, grad_fn=lambda p: zeros)
-        params = optax.apply_updates(params, updates)
-    for leaf in jax.tree.leaves((params, updates, state)):
+
+    @jax.jit  # one compiled program, not the three steps op by op
+    def three_steps(params):
+        state = tx.init(params)
+        for _ in range(3):
+            updates, state = tx.update(zeros, state, params, grad_fn=lambda p: zeros)
+            params = optax.apply_updates(params, updates)
+        return params, updates, state
+
+    for leaf in jax.tree.leaves(three_steps(params)):
         assert np.all(np.isfinite(np.asarray(leaf, np.float64)))
 
 
@@ -352,7 +357,7 @@ def _with_entry(grads, value):
 
 def _warm_state(tx, params, loss, steps=3):
     """Parameters and state after a few clean steps, so moments and statistics are not zero."""
-    params, state, _ = jax.jit(lambda p: _run(tx, loss, p, steps))(params)
+    params, state, _ = _run(tx, loss, params, steps)
     return params, state
 
 
@@ -369,22 +374,22 @@ def test_nonfinite_gradient_is_skipped_or_visible(name):
     entry = ENTRY_BY_NAME[name]
     params, loss = _small_problem(jnp.float32)
     tx = _with_extra_args(entry.make(0.01, entry.key_value))
-    params, state = _warm_state(tx, params, loss)
     clean = jax.grad(loss)
 
-    @jax.jit
-    def step(s, p, bad):
+    @jax.jit  # one compiled program for the warm-up, the bad step and the clean step after it
+    def steps(p, bad):
+        p, s = _warm_state(tx, p, loss)
         bad_grad_fn = lambda q: _with_entry(clean(q), bad)
-        return tx.update(bad_grad_fn(p), s, p, grad_fn=bad_grad_fn)
+        updates, new_state = tx.update(bad_grad_fn(p), s, p, grad_fn=bad_grad_fn)
+        return updates, new_state, tx.update(clean(p), new_state, p, grad_fn=clean)
 
-    clean_step = jax.jit(lambda s, p: tx.update(clean(p), s, p, grad_fn=clean))
     for bad in (np.nan, np.inf, -np.inf):
-        updates, new_state = step(state, params, jnp.float32(bad))
+        updates, new_state, after = steps(params, jnp.float32(bad))
         if entry.nonfinite == "skips":
             # The method's own step is skipped (weight decay in the alias may still act).
             assert _finite(updates)
             assert _finite(new_state), f"a skipped step wrote {bad} into the state"
-            assert _finite(clean_step(new_state, params))
+            assert _finite(after)
         else:
             assert entry.nonfinite == "propagates"
             # The leaf that received the bad value must show it, never a finite, wrong update.
@@ -398,12 +403,14 @@ def test_huge_gradient_is_exact_or_documented(name):
     for dtype in (jnp.float32, jnp.float64):
         params, loss = _small_problem(dtype)
         tx = _with_extra_args(entry.make(0.01, entry.key_value))
-        params, state = _warm_state(tx, params, loss)
         huge_grad_fn = lambda p, loss=loss: _with_entry(jax.grad(loss)(p), 1e30)
-        updates, _ = jax.jit(lambda g, s, p, f=huge_grad_fn: tx.update(g, s, p, grad_fn=f))(
-            huge_grad_fn(params), state, params
-        )
-        results[dtype] = (params, updates)
+
+        @jax.jit  # the warm-up and the huge step in one compiled program
+        def warm_then_huge(p, tx=tx, loss=loss, huge_grad_fn=huge_grad_fn):
+            p, s = _warm_state(tx, p, loss)
+            return p, tx.update(huge_grad_fn(p), s, p, grad_fn=huge_grad_fn)[0]
+
+        results[dtype] = warm_then_huge(params)
     params32, updates32 = results[jnp.float32]
     if entry.huge_gradient == "exact":
         jax.tree.map(
@@ -445,8 +452,14 @@ def test_zero_size_leaf_gets_an_empty_update(name):
 
     tx = _with_extra_args(entry.make(0.01, entry.key_value))
     grad_fn = jax.grad(loss)
-    params, state = _warm_state(tx, params, loss)
-    updates, state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn)
+
+    @jax.jit  # the warm-up and the last step in one compiled program
+    def warm_then_step(params):
+        params, state = _warm_state(tx, params, loss)
+        updates, state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn)
+        return updates, state, params
+
+    updates, state, params = warm_then_step(params)
     assert updates["empty"].shape == (3, 0) and updates["empty"].dtype == jnp.float32
     assert _finite((updates, state, params))
 

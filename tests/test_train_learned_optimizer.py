@@ -34,6 +34,10 @@ TINY = [
 def _run(tmp_path, name, *flags, devices=1):
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    # The runs of one test compile the same programs: JAX's persistent cache (this test's
+    # own folder) compiles each once. The executables are the same either way, so the
+    # bit-for-bit comparisons below mean what they did.
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax_cache")
     output = tmp_path / f"{name}.npz"
     command = [
         sys.executable,

@@ -101,3 +101,69 @@ def test_stacked_roots_equal_the_roots_of_each_stack(one_cpu_device, method):
             # A stack of one is vectorized, not looped, and XLA multiplies a batch of one
             # with another kernel: Newton's float32 products then differ in the last bits.
             np.testing.assert_allclose(root, alone, rtol=2e-6, atol=2e-6 * np.abs(alone).max())
+
+
+def test_the_step_has_one_conditional_and_a_skipped_step_keeps_the_state_bit_for_bit():
+    # A non-finite step is skipped by selects, not by a conditional around the whole step (it
+    # copied every state buffer and cost half an Adam step on a 4M-parameter MLP): the root
+    # computation is the program's only conditional.
+    optimizer = metaopt.scale_by_shampoo(
+        blocking=metaopt.Blocking(block_size=8), preconditioning_frequency=2
+    )
+    params = _layers(2)
+    compiled = jax.jit(optimizer.update).lower(params, optimizer.init(params), params).compile()
+    assert compiled.as_text().count(" conditional(") == 1
+    rng = np.random.default_rng(3)
+    state = optimizer.init(params)
+    update = jax.jit(optimizer.update)
+    for _ in range(3):
+        grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+        _, state = update(grads, state, params)
+    bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), grads)
+    updates, after = update(bad, state, params)
+    assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates))
+    unchanged = after._replace(skipped_steps=state.skipped_steps)
+    for old, new in zip(jax.tree.leaves(state), jax.tree.leaves(unchanged), strict=True):
+        np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
+    assert int(after.skipped_steps) == int(state.skipped_steps) + 1
+
+
+def test_hypergradient_through_a_skipped_step_is_that_of_the_run_without_it():
+    # The skipped step runs on a zeroed gradient, so no NaN reaches the arithmetic or its
+    # derivative: d(loss)/d(learning rate) equals the clean run's, and is finite.
+    target = jnp.asarray(np.random.default_rng(4).normal(size=(6, 5)))
+
+    def loss(w):
+        return 0.5 * jnp.sum((w - target) ** 2) + 0.1 * jnp.sum(w**4)
+
+    def final_loss(learning_rate, nan_steps):
+        optimizer = metaopt.shampoo(
+            learning_rate, blocking=metaopt.Blocking(block_size=4), preconditioning_frequency=2
+        )
+        w = jnp.zeros((6, 5))
+        state = optimizer.init(w)
+        for step in range(5):
+            g = jax.grad(loss)(w)
+            if step in nan_steps:
+                g = g.at[1, 1].set(jnp.nan)
+            updates, state = optimizer.update(g, state, w)
+            w = w + updates
+        return loss(w)
+
+    with_nan = jax.grad(final_loss)(0.05, (2,))
+
+    # The clean run has one step fewer: the skipped one does not count.
+    def clean_loss(learning_rate):
+        optimizer = metaopt.shampoo(
+            learning_rate, blocking=metaopt.Blocking(block_size=4), preconditioning_frequency=2
+        )
+        w = jnp.zeros((6, 5))
+        state = optimizer.init(w)
+        for _ in range(4):
+            updates, state = optimizer.update(jax.grad(loss)(w), state, w)
+            w = w + updates
+        return loss(w)
+
+    clean = jax.grad(clean_loss)(0.05)
+    assert np.isfinite(float(with_nan))
+    np.testing.assert_allclose(float(with_nan), float(clean), rtol=1e-12)

@@ -34,8 +34,11 @@ def test_committed_with_outputs(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_runs_at_the_small_size(path, monkeypatch):
+def test_runs_at_the_small_size(path, monkeypatch, tmp_path):
     monkeypatch.setenv("METAOPT_EXAMPLE_SIZE", "small")
+    # A plot cell may retrain what a table cell trained (learned_optimizer.ipynb): JAX's
+    # persistent cache, in this test's own folder, compiles each program once.
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax_cache"))
     # A fresh kernel: one device, the CPU settings the library wants, and no test-suite x64.
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false")
     monkeypatch.setenv("JAX_ENABLE_X64", "0")

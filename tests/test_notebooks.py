@@ -39,8 +39,13 @@ def test_runs_at_the_small_size(path, monkeypatch, tmp_path):
     # A plot cell may retrain what a table cell trained (learned_optimizer.ipynb): JAX's
     # persistent cache, in this test's own folder, compiles each program once.
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax_cache"))
-    # A fresh kernel: one device, the CPU settings the library wants, and no test-suite x64.
-    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=false")
+    # A fresh kernel: one device, the CPU settings the library wants, no test-suite x64, and
+    # the CPU backend without LLVM optimization (FAST_COMPILE, as in test_learned_lr_schedule):
+    # at the small size the notebooks are mostly compilation.
+    monkeypatch.setenv(
+        "XLA_FLAGS",
+        "--xla_cpu_enable_concurrency_optimized_scheduler=false --xla_backend_optimization_level=0",
+    )
     monkeypatch.setenv("JAX_ENABLE_X64", "0")
     monkeypatch.setenv("MPLBACKEND", "Agg")
     notebook = nbformat.read(path, as_version=4)

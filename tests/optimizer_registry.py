@@ -35,8 +35,9 @@ class Entry:
       convergence_key_value: the key hyperparameter in the convergence runs, where a smaller
         radius or penalty lets the methods reach the minimizer of the unmodified loss.
       inject_ulps: 0 when ``inject`` must reproduce ``make`` bit for bit; otherwise the
-        float64 round-off allowed (for example XLA fuses GAM's chained products of constants differently
-        from products of traced scalars, a difference of one unit in the last place).
+        float64 round-off allowed (for example XLA fuses GAM's chained products of constants
+        differently from products of traced scalars, a difference of one unit in the last
+        place).
       nonfinite: what a NaN or inf in the gradient does, as documented: ``"skips"`` (the step
         is skipped: zero update, the state stays finite and the next clean step proceeds) or
         ``"propagates"`` (every leaf whose gradient held the non-finite value gets a

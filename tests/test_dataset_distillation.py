@@ -1,6 +1,5 @@
 """examples/dataset_distillation.py at a tiny size: implicit gradients, and images that teach."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -70,13 +69,8 @@ def test_the_script_distills_one_image_per_class_that_beats_random_real_ones(tmp
         "--progress=false",
         f"--output_dir={tmp_path}",
     ]
-    # The run is mostly compilation: the CPU backend without LLVM optimization (FAST_COMPILE,
-    # as in tests/test_learned_lr_schedule.py); XLA's own passes still run.
-    flags = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-    environment = {**os.environ, "XLA_FLAGS": flags.strip()}
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=300, check=False, env=environment
-    )
+    # The subprocess inherits the session's XLA_FLAGS (conftest.py: LLVM optimization off).
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     assert [row.split(" | ")[0] for row in rows] == ["| images/class", "| ---:", "| 1"]

@@ -1,6 +1,5 @@
 """The example scripts run end to end at a tiny size."""
 
-import os
 import re
 import subprocess
 import sys
@@ -14,18 +13,11 @@ def _run_example(script: str, plot_path: Path, *flags: str) -> str:
     """Runs ``examples/<script>``; checks the exit code and the PNG; returns the output."""
     command = [sys.executable, str(REPO_ROOT / "examples" / script), *flags]
     command.append(f"--plot_path={plot_path}")
-    # Compilation dominates these tiny runs: XLA's CPU backend without LLVM optimization
-    # (FAST_COMPILE, as in tests/test_learned_lr_schedule.py) compiles in two thirds of the
-    # time; the fusion passes still run, and the demo prints the same numbers.
-    flags = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    # The subprocess inherits the session's XLA_FLAGS (conftest.py: LLVM optimization off,
+    # which compiles these tiny runs in two thirds of the time; the demo prints the same
+    # numbers).
     result = subprocess.run(
-        command,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-        env={**os.environ, "XLA_FLAGS": flags.strip()},
+        command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False
     )
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     assert plot_path.stat().st_size > 1000

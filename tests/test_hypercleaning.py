@@ -1,6 +1,5 @@
 """examples/hypercleaning.py at a tiny size: the learned weights find the corrupted labels."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -66,13 +65,8 @@ def test_the_script_runs_from_its_flags_and_prints_the_table():
         "--eval_steps=20",
         "--progress=false",
     ]
-    # The run is mostly compilation: the CPU backend without LLVM optimization (FAST_COMPILE,
-    # as in tests/test_learned_lr_schedule.py); XLA's own passes still run.
-    flags = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-    environment = {**os.environ, "XLA_FLAGS": flags.strip()}
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=300, check=False, env=environment
-    )
+    # The subprocess inherits the session's XLA_FLAGS (conftest.py: LLVM optimization off).
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
     rows = [line.split(" | ")[0] for line in result.stdout.splitlines() if line.startswith("| ")]
     assert rows == ["| method", "| ---", "| truncated", "| no_weights"]

@@ -1,7 +1,6 @@
 """examples/learned_lr_schedule.py at a tiny size: hypergradients through the schedule."""
 
 import functools
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -159,11 +158,8 @@ def test_the_script_runs_from_its_flags_and_writes_the_figure(tmp_path):
         f"--output_dir={tmp_path}",
         "--progress=false",
     ]
-    flags = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-    environment = {**os.environ, "XLA_FLAGS": flags.strip()}  # FAST_COMPILE, as a flag
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=300, check=False, env=environment
-    )
+    # The subprocess inherits the session's XLA_FLAGS (conftest.py: LLVM optimization off).
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
     rows = [line.split(" | ")[0] for line in result.stdout.splitlines() if line.startswith("| ")]
     assert rows == [

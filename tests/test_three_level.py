@@ -4,7 +4,6 @@ Float64 (the test session enables x64). Each finite-difference evaluation re-sol
 (gradient descent to 1e-10) and, for iMAML, level 1 (to 1e-11).
 """
 
-import os
 import re
 import subprocess
 import sys
@@ -99,13 +98,8 @@ def test_the_script_nests_two_implicit_solves_and_prints_a_matching_gradient():
         "--outer_steps=1",
         "--progress=false",
     ]
-    # The run is mostly compilation: the CPU backend without LLVM optimization (FAST_COMPILE,
-    # as in tests/test_learned_lr_schedule.py); XLA's own passes still run.
-    flags = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-    environment = {**os.environ, "XLA_FLAGS": flags.strip()}
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=300, check=False, env=environment
-    )
+    # The subprocess inherits the session's XLA_FLAGS (conftest.py: LLVM optimization off).
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "| after 1 level-3 steps |" in out and "float64" in out, out

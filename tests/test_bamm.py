@@ -186,10 +186,16 @@ def test_implicit_differentiation_with_cg_breaks_down_on_the_singular_lower_leve
     # Measured: the first hypergradient (at x = 0, where y2 = x happens to hold and the adjoint
     # system H u = grad_y F is consistent) is finite, -e. From the second outer step on, the
     # right-hand side has a component y2 - x in the null space of H = diag(I, 0): CG meets a
-    # direction of zero curvature, divides by it, and returns NaN, with a warning per step.
+    # direction of zero curvature, divides by it, and returns garbage, with a warning per step:
+    # NaN where round-off leaves that curvature exactly 0, about 1e30 where it leaves 1e-31
+    # (both seen, with XLA's LLVM optimizations on and off).
     x, grads, caught = _implicit_outer_loop(implicit.CG(), steps=3)
     np.testing.assert_allclose(grads[0], -E)
-    assert bool(jnp.all(jnp.isnan(grads[1]))) and bool(jnp.all(jnp.isnan(x)))
+
+    def garbage(v):
+        return not bool(jnp.all(jnp.isfinite(v))) or float(jnp.max(jnp.abs(v))) > 1e20
+
+    assert garbage(grads[1]) and garbage(x)
     assert implicit.ImplicitDifferentiationWarning in caught
 
 

@@ -222,10 +222,8 @@ def root_compile_seconds(params, block_size: int) -> tuple[float, int]:
             exponents.append(2 * len(plan.preconditioned))
 
     def roots(*stacks):
-        computed = stacked_inverse_roots(
-            stacks, exponents, damping=1e-6, epsilon=1e-12, method="eigh"
-        )
-        return [root for root, _ in computed]
+        # The roots and their MatrixRootInfo (the step reads both to accept or reject a root).
+        return stacked_inverse_roots(stacks, exponents, damping=1e-6, epsilon=1e-12, method="eigh")
 
     start = time.perf_counter()
     jax.jit(roots).lower(*matrices).compile()

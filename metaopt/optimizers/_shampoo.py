@@ -263,8 +263,9 @@ def scale_by_shampoo(
         # conditional copies every state buffer it passes through and keeps XLA from fusing
         # the step with its neighbours, which cost half an Adam step on a 4M-parameter MLP.
         # The step runs on a zeroed gradient then, so no NaN enters the arithmetic (or its
-        # derivatives), and the state's decay rates become 1 (with a zero gradient the moments
-        # and statistics then keep their values exactly, and no tensor needs a select).
+        # derivatives); the moments' decay rates become 1, so they keep their values with no
+        # tensor select (selecting each moment made XLA copy the donated moments), and the
+        # statistics are selected inside their own update.
         safe = [jnp.where(finite, g, jnp.zeros_like(g)) for g in leaves]
         directions, new_state = _step(safe, treedef, plans, state, hyper, finite)
         directions = [jnp.where(finite, d, jnp.zeros_like(d)) for d in directions]
@@ -365,8 +366,7 @@ def scale_by_shampoo(
                     continue
                 dtype = jnp.promote_types(old[0].dtype, jnp.float32)
                 grams = plan.statistics(plan.to_blocks(g.astype(dtype)))
-                # A skipped step keeps the statistics (a select, fused into the update; a
-                # decay of 1 as for the moments would round differently when b2 is injected).
+                # A skipped step keeps the statistics (a select, fused into the update).
                 out.append(
                     tuple(
                         jnp.where(finite, b2_t * s.astype(dtype) + weight * gram, s).astype(s.dtype)
